@@ -1,0 +1,223 @@
+"""Configuration of idenc_jax: the paper's setup and its named variants.
+
+Select a variant with `--config=configs/base.py:VARIANT`; override any field on the command line,
+e.g. `--config.train.batch_size=256`. Fields are locked: a misspelt override is an error.
+
+Variants:
+  paper (default)  the paper's full 128x128 stage-1 setup (SPEC.md, paper appendix A).
+  stage0           unconditional generator pre-training on identity-agnostic data.
+  cpu              a few-million-parameter 32x32 model on synthetic identities; trains on 2 CPU cores.
+  tiny             the smallest model that exercises every code path (used by the tests).
+Variants combine with commas: `configs/base.py:cpu,stage0`.
+"""
+
+from ml_collections import config_dict
+
+
+def _paper_config() -> config_dict.ConfigDict:
+  c = config_dict.ConfigDict()
+  c.seed = 0
+  # 0: unconditional generator pre-training; 1: identity encoder + generator (the paper's method);
+  # 2: condition encoder + cross-attention on a frozen stage-1 model.
+  c.stage = 1
+  # Checkpoint directory (a workdir or a step directory) whose parameters initialise this run when the
+  # workdir holds no checkpoint of its own: stage 1 takes the generator of stage 0, stage 2 all of stage 1.
+  c.init_from = config_dict.placeholder(str)
+
+  # ---- Generator: DiffAE/ADM U-Net (paper appendix A). -------------------------------------------------
+  c.model = m = config_dict.ConfigDict()
+  m.resolution = 128
+  m.base_channels = 128
+  m.channel_mult = (1, 1, 2, 2, 4, 4)
+  m.num_res_blocks = 2
+  m.attn_resolutions = (8, 4)
+  m.num_heads = 8
+  m.dropout = 0.0
+  m.num_groups = 32            # GroupNorm groups
+  m.embed_dim = 512            # identity embedding z (= encoder output)
+  m.mlp_ratio = 4              # ViT-style attention block MLP width
+  # Performance levers (issue 7); none changes the model's function beyond dtype rounding.
+  m.dtype = 'float32'          # compute dtype; parameters always stay float32
+  m.remat = False              # rematerialise each residual/attention block in the backward pass
+  m.attention = 'xla'          # 'xla' (einsum softmax) or 'fused' (jax.nn.dot_product_attention)
+
+  # ---- Identity encoder Enc (paper appendix A). ----------------------------------------------------------
+  c.encoder = e = config_dict.ConfigDict()
+  e.base_channels = 128
+  e.channel_mult = (1, 1, 2, 2, 4, 4, 4)
+  e.num_res_blocks = 2
+  e.attn_resolutions = (8, 4, 2)
+  e.num_heads = 8
+
+  # ---- Diffusion. ------------------------------------------------------------------------------------------
+  c.diffusion = d = config_dict.ConfigDict()
+  d.timesteps = 1000
+  d.schedule = 'cosine'        # 'cosine' (Nichol & Dhariwal 2021) or 'linear' (beta 1e-4 .. 0.02)
+
+  # ---- Loss: L = L_diff(id) + id_weight * L_id + agnostic_weight * L_diff(agnostic). --------------------
+  c.loss = l = config_dict.ConfigDict()
+  l.id_weight = 0.01           # a1
+  l.agnostic_weight = 0.01     # a2
+  # Soft nearest-neighbour temperature T on squared Euclidean distances of raw 512-d encoder outputs.
+  # The paper does not give T; 1.0 keeps the loss informative for embeddings of order-one entries.
+  l.id_temperature = 1.0
+  l.use_id_loss = True
+  l.use_agnostic = True        # train on the identity-agnostic half-batch
+  l.average_embedding = True   # random convex combination per identity (False: DiffAE, own embedding)
+  # Curriculum: probability p(step) that a group's identity is dropped, linear start -> end.
+  l.curriculum_start = 1.0
+  l.curriculum_end = 0.05
+  l.curriculum_steps = 100_000
+
+  # ---- Data. -----------------------------------------------------------------------------------------------
+  c.data = dt = config_dict.ConfigDict()
+  # 'synthetic' (embedded procedural identities, no download) or comma-separated prepared dataset
+  # directories (output of `python -m idenc_jax.prepare`) for the identity-labelled half.
+  dt.identity_sources = 'synthetic'
+  dt.identity_weights = ''     # comma-separated mixing weights, one per source ('' = equal)
+  # Identity-agnostic half: 'synthetic', a prepared dataset directory, or 'same' (the identity sources
+  # with labels ignored).
+  dt.agnostic_source = 'synthetic'
+  dt.images_per_identity = 4   # M: images per identity group in the identity half-batch
+  dt.num_workers = 0           # grain worker processes (0: in the main process)
+  dt.prefetch = 2              # batches prefetched to the device
+  dt.random_flip = True
+  # Synthetic identities (the embedded default).
+  dt.synthetic_train_identities = 512
+  dt.synthetic_test_identities = 64
+  dt.synthetic_images_per_identity = 16
+  dt.synthetic_agnostic_images = 4096
+
+  # ---- Training. -------------------------------------------------------------------------------------------
+  c.train = t = config_dict.ConfigDict()
+  t.batch_size = 128           # global: half identity-labelled (K x M), half identity-agnostic
+  t.num_steps = 1_000_000
+  t.learning_rate = 5e-5
+  t.warmup_steps = 10_000
+  t.b1 = 0.9
+  t.b2 = 0.999
+  t.weight_decay = 0.0
+  t.grad_clip = 1.0
+  t.ema_decay = 0.9999
+  t.log_every = 100
+  t.checkpoint_every = 10_000
+  t.keep_checkpoints = 3
+  t.sample_every = 20_000
+  t.sample_identities = 4      # held-out identities in the periodic sample grid
+  t.sample_steps = 50          # DDIM steps for the periodic grid
+  t.num_references = 4         # reference images per identity in grids and sampling
+
+  # ---- Parallelism: mesh axes (data, fsdp); -1 means "all remaining devices". ----------------------------
+  c.mesh = ms = config_dict.ConfigDict()
+  ms.data = -1
+  ms.fsdp = 1
+  c.distributed = False        # call jax.distributed.initialize() (multi-host)
+
+  # ---- Personalized sampling (--mode=sample). ----------------------------------------------------------------
+  c.sample = s = config_dict.ConfigDict()
+  s.refs = config_dict.placeholder(str)   # folder of reference photos
+  s.num = 8
+  s.out = config_dict.placeholder(str)
+  s.sampler = 'ddim'           # 'ddpm', 'ddim' or 'dpmpp'
+  s.steps = 50
+  s.eta = 0.0
+  s.seed = 0
+  s.align = False              # detect and align faces in the references with dlib
+
+  # ---- Evaluation (--mode=eval). ------------------------------------------------------------------------------
+  c.eval = ev = config_dict.ConfigDict()
+  ev.num_references = 8        # R
+  ev.num_generated = 8         # G per identity
+  ev.sampler = 'ddim'
+  ev.steps = 50
+  ev.inception_weights = config_dict.placeholder(str)   # pytorch-fid weight file; FID skipped without it
+  return c
+
+
+def _apply_cpu(c):
+  """A 32x32 model of a few million parameters that trains on a 2-core CPU in minutes."""
+  c.model.resolution = 32
+  c.model.base_channels = 32
+  c.model.channel_mult = (1, 2, 2, 2)
+  c.model.num_res_blocks = 1
+  c.model.attn_resolutions = (8,)
+  c.model.num_heads = 4
+  c.model.num_groups = 8
+  c.model.embed_dim = 128
+  c.encoder.base_channels = 32
+  c.encoder.channel_mult = (1, 2, 2, 2, 2)
+  c.encoder.num_res_blocks = 1
+  c.encoder.attn_resolutions = (4,)
+  c.encoder.num_heads = 4
+  c.data.images_per_identity = 4
+  c.data.synthetic_train_identities = 256
+  c.data.synthetic_test_identities = 32
+  c.data.synthetic_images_per_identity = 12
+  c.data.synthetic_agnostic_images = 2048
+  c.train.batch_size = 32
+  c.train.num_steps = 3000
+  c.train.learning_rate = 1e-3
+  c.train.warmup_steps = 200
+  c.train.ema_decay = 0.999
+  c.train.log_every = 50
+  c.train.checkpoint_every = 500
+  c.train.sample_every = 1000
+  c.train.sample_steps = 25
+  c.loss.curriculum_steps = 1500
+  c.sample.steps = 25
+  c.eval.steps = 25
+
+
+def _apply_tiny(c):
+  """Smallest model exercising every path (two levels, attention, encoder); for tests."""
+  _apply_cpu(c)
+  c.model.resolution = 16
+  c.model.base_channels = 16
+  c.model.channel_mult = (1, 2)
+  c.model.attn_resolutions = (8,)
+  c.model.num_heads = 2
+  c.model.num_groups = 4
+  c.model.embed_dim = 32
+  c.encoder.base_channels = 16
+  c.encoder.channel_mult = (1, 2, 2)
+  c.encoder.attn_resolutions = (4,)
+  c.encoder.num_heads = 2
+  c.data.synthetic_train_identities = 16
+  c.data.synthetic_test_identities = 4
+  c.data.synthetic_images_per_identity = 6
+  c.data.synthetic_agnostic_images = 64
+  c.train.batch_size = 16
+  c.train.num_steps = 4
+  c.train.warmup_steps = 2
+  c.train.log_every = 1
+  c.train.checkpoint_every = 2
+  c.train.sample_every = 0
+  c.train.sample_steps = 4
+  c.sample.steps = 4
+  c.eval.steps = 4
+  c.eval.num_references = 2
+  c.eval.num_generated = 2
+  c.diffusion.timesteps = 100
+
+
+def _apply_stage0(c):
+  c.stage = 0
+  c.loss.use_id_loss = False
+
+
+_VARIANTS = {
+    'paper': lambda c: None,
+    'cpu': _apply_cpu,
+    'tiny': _apply_tiny,
+    'stage0': _apply_stage0,
+}
+
+
+def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+  c = _paper_config()
+  for name in (arg or 'paper').split(','):
+    name = name.strip()
+    if name not in _VARIANTS:
+      raise ValueError(f'Unknown config variant {name!r}; choose from {sorted(_VARIANTS)}.')
+    _VARIANTS[name](c)
+  return c
