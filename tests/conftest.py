@@ -1,0 +1,13 @@
+"""Test setup: 8 simulated CPU devices and parsed absl flags, before anything imports jax."""
+
+import os
+import sys
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # noqa: E402
+
+# grain's multiprocessing reads absl flags; under pytest nothing parses them.
+flags.FLAGS.mark_as_parsed()
