@@ -49,6 +49,14 @@ def _paper_config() -> config_dict.ConfigDict:
   e.attn_resolutions = (8, 4, 2)
   e.num_heads = 8
 
+  # ---- Stage 2: condition encoder (the encoder's conv family) + cross-attention in the generator. ------
+  c.stage2 = s2 = config_dict.ConfigDict()
+  s2.task = 'sr'               # 'sr' (super-resolution) or 'inpaint'
+  s2.sr_factor = 8             # 128 -> 16 px input
+  s2.mask_fraction = 0.6       # inpainting square side / image side
+  s2.cross_attn_resolutions = (16, 8)
+  s2.token_dim = 512
+
   # ---- Diffusion. ------------------------------------------------------------------------------------------
   c.diffusion = d = config_dict.ConfigDict()
   d.timesteps = 1000

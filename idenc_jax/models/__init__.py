@@ -1,0 +1,47 @@
+"""Models: the generator U-Net, the identity encoder and the condition encoder, built from config."""
+
+import jax.numpy as jnp
+
+from idenc_jax.models.encoder import ConditionEncoder, IdentityEncoder
+from idenc_jax.models.unet import UNet
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(config):
+  name = config.model.dtype
+  if name not in _DTYPES:
+    raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+  return _DTYPES[name]
+
+
+def build_generator(config) -> UNet:
+  m = config.model
+  return UNet(
+      resolution=m.resolution, base_channels=m.base_channels, channel_mult=tuple(m.channel_mult),
+      num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
+      num_heads=m.num_heads, embed_dim=m.embed_dim, num_groups=m.num_groups, mlp_ratio=m.mlp_ratio,
+      dropout=m.dropout, attention=m.attention, remat=m.remat, dtype=compute_dtype(config),
+      cross_attn_resolutions=tuple(config.stage2.cross_attn_resolutions) if config.stage == 2 else ())
+
+
+def build_encoder(config) -> IdentityEncoder:
+  e, m = config.encoder, config.model
+  return IdentityEncoder(
+      base_channels=e.base_channels, channel_mult=tuple(e.channel_mult),
+      num_res_blocks=e.num_res_blocks, attn_resolutions=tuple(e.attn_resolutions),
+      num_heads=e.num_heads, embed_dim=m.embed_dim, num_groups=m.num_groups, mlp_ratio=m.mlp_ratio,
+      attention=m.attention, remat=m.remat, dtype=compute_dtype(config))
+
+
+def build_condition_encoder(config) -> ConditionEncoder:
+  e, m = config.encoder, config.model
+  return ConditionEncoder(
+      base_channels=e.base_channels, channel_mult=tuple(e.channel_mult),
+      num_res_blocks=e.num_res_blocks, attn_resolutions=tuple(e.attn_resolutions),
+      num_heads=e.num_heads, token_dim=config.stage2.token_dim, num_groups=m.num_groups,
+      mlp_ratio=m.mlp_ratio, attention=m.attention, remat=m.remat, dtype=compute_dtype(config))
+
+
+__all__ = ['UNet', 'IdentityEncoder', 'ConditionEncoder', 'build_generator', 'build_encoder',
+           'build_condition_encoder', 'compute_dtype']
