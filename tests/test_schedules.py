@@ -166,3 +166,12 @@ def test_schedule_is_a_pytree():
   assert s2.name == 'cosine'
   doubled = jax.jit(lambda sch: jax.tree_util.tree_map(lambda a: 2 * a, sch))(s)
   np.testing.assert_allclose(doubled.betas, 2 * np.asarray(s.betas))
+
+
+def test_schedule_from_betas_validates():
+  with pytest.raises(ValueError, match=r'\(0, 1\)'):
+    schedules.schedule_from_betas(np.array([0.1, 1.0]))
+  with pytest.raises(ValueError, match='1-D'):
+    schedules.schedule_from_betas(np.full((2, 2), 0.1))
+  s = schedules.schedule_from_betas(np.array([0.1, 0.2, 0.5]))
+  np.testing.assert_allclose(s.alphas_cumprod, [0.9, 0.72, 0.36], rtol=1e-6)

@@ -63,12 +63,12 @@ def _linear_betas(timesteps: int) -> np.ndarray:
 
 
 def schedule_from_betas(betas: np.ndarray, name: str = 'custom') -> NoiseSchedule:
-  """Builds every derived array from betas (any float array of shape [T], values in (0, 1])."""
+  """Builds every derived array from betas (any float array of shape [T], values in (0, 1))."""
   betas = np.asarray(betas, dtype=np.float64)
   if betas.ndim != 1 or betas.shape[0] < 2:
     raise ValueError(f'betas must be a 1-D array of length >= 2, got shape {betas.shape}.')
-  if not np.all((betas > 0) & (betas <= 1)):
-    raise ValueError('betas must lie in (0, 1].')
+  if not np.all((betas > 0) & (betas < 1)):
+    raise ValueError('betas must lie in (0, 1): beta = 1 would make alpha_bar exactly 0.')
   alphas = 1.0 - betas
   ab = np.cumprod(alphas)
   ab_prev = np.concatenate([[1.0], ab[:-1]])
@@ -125,6 +125,7 @@ def _check_t(t: jax.Array, batch: int) -> None:
 
 def q_sample(schedule: NoiseSchedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
   """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise; t is int [B], x0 and noise [B, ...]."""
+  t = jnp.asarray(t)
   _check_t(t, x0.shape[0])
   if noise.shape != x0.shape:
     raise ValueError(f'noise shape {noise.shape} differs from x0 shape {x0.shape}.')
@@ -135,6 +136,7 @@ def q_sample(schedule: NoiseSchedule, x0: jax.Array, t: jax.Array, noise: jax.Ar
 def predict_x0_from_eps(schedule: NoiseSchedule, x_t: jax.Array, t: jax.Array,
                         eps: jax.Array) -> jax.Array:
   """The x_0 implied by x_t and a noise prediction: (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)."""
+  t = jnp.asarray(t)
   _check_t(t, x_t.shape[0])
   return (extract(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
           - extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps)
