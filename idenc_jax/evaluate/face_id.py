@@ -36,8 +36,7 @@ class FaceDescriber:
     if num_jitters < 0:
       raise ValueError(f'num_jitters must be >= 0, got {num_jitters}')
     self.locator = align.FaceLocator(upsample=upsample)
-    _, models = align.import_dlib()
-    self.net = self.locator.dlib.face_recognition_model_v1(models.face_recognition_model_location())
+    self.net = self.locator.dlib.face_recognition_model_v1(align.dlib_model_path(align.RECOGNITION_MODEL))
     self.min_side = min_side
     self.num_jitters = num_jitters
 
