@@ -42,6 +42,13 @@ def test_id_score_hand_computed():
   assert np.isnan(per[2]) and mean == pytest.approx(3.25)
   with pytest.raises(ValueError, match='generated'):
     face_id.id_score(np.full((2, d), np.nan), real)
+  # Face-space Frechet distance drops NaN rows: N(0, I)-like sets shifted by 1 in one coordinate.
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4000, d)) * 0.1
+  y = rng.normal(size=(4000, d)) * 0.1 + e[0]
+  with_nan = np.concatenate([y, np.full((3, d), np.nan)])
+  assert face_id.face_frechet_distance(x, with_nan) == pytest.approx(face_id.face_frechet_distance(x, y))
+  assert face_id.face_frechet_distance(x, y) == pytest.approx(1.0, abs=0.05)  # |mu1 - mu2|^2, equal covariances
   with pytest.raises(ValueError, match=r'\[N, 128\]'):
     face_id.id_score(np.zeros((2, 3)), real)
   with pytest.raises(ValueError, match='2 generated sets but 1 real'):

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from idenc_jax.data import align
+from idenc_jax.evaluate import frechet
 
 DESCRIPTOR_DIM = 128
 CHIP_SIZE = 150     # what dlib's recognition network was trained on
@@ -97,3 +98,9 @@ def mean_id_score(gen_by_identity: Sequence[np.ndarray], real_by_identity: Seque
   if np.all(np.isnan(scores)):
     raise ValueError('no identity has a face found in both its generated and real images')
   return float(np.nanmean(scores)), scores
+
+
+def face_frechet_distance(gen_desc: np.ndarray, real_desc: np.ndarray) -> float:
+  """Frechet distance between Gaussians fitted to generated and real descriptors [N, 128] (NaN rows, i.e. no
+  face, dropped): an FID in dlib's face space that needs no downloaded weights."""
+  return frechet.frechet_distance_from_features(_valid_rows(gen_desc, 'generated'), _valid_rows(real_desc, 'real'))
