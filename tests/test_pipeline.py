@@ -337,9 +337,13 @@ def test_eval_identities_of_mixed_prepared_sources(tmp_path):
   # And the training iterator over the same two prepared datasets, agnostic half from both ('same').
   config.data.agnostic_source = 'same'
   config.train.batch_size = 16
-  batch = next(pipeline.make_train_iterator(config, process_index=0, process_count=1))
-  assert set(batch['id_labels']) <= {0, 1, 2, 3}              # 2 + 2 train identities
-  assert batch['agnostic_images'].shape == (8, R, R, 3)
+  train = pipeline.make_eval_identities(config, 'train')     # label -> images, from the index tables
+  assert sorted(train) == [0, 1, 2, 3]                        # 2 + 2 train identities
+  it = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+  for batch in _take(it, 3):
+    assert batch['agnostic_images'].shape == (8, R, R, 3)
+    for row, label in zip(batch['id_images'], batch['id_labels']):
+      assert any(np.array_equal(row, x) or np.array_equal(row, x[:, ::-1]) for x in train[int(label)])
 
 
 def test_eval_identities_synthetic():
