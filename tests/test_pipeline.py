@@ -283,6 +283,8 @@ def test_spec_sizes():
   spec = pipeline.batch_spec(_config(128, 4), 1, 4)
   assert (spec.id_size, spec.agnostic_size, spec.num_groups, spec.local_groups, spec.local_agnostic) == \
       (64, 64, 16, 4, 16)
+  spec = pipeline.batch_spec(_config())          # defaults from jax: one process here
+  assert (spec.process_index, spec.process_count) == (0, 1)
 
 
 def test_synthetic_identities_end_to_end():

@@ -18,8 +18,11 @@ exactly the batch a single process (P=1) reads at step s. Within a step:
   - agnostic images walk through a fresh seeded permutation of the agnostic source each epoch, so none
     repeats within an epoch;
   - each image is flipped horizontally with probability 1/2 when config.data.random_flip.
+Within a step the processes therefore read disjoint records (distinct identities; distinct agnostic
+images, except when the step straddles the end of an agnostic epoch).
 Batch s is element s of a grain MapDataset, so the iterator's state is its position, saved and restored
-exactly (also with worker processes), and batches do not depend on config.data.num_workers.
+exactly (also with worker processes), and batches do not depend on config.data.num_workers. With workers,
+in-memory sources (the synthetic data) are pickled into each worker; prepared datasets are reopened there.
 """
 
 from __future__ import annotations
