@@ -80,7 +80,8 @@ def images_to_float(images: jax.Array) -> jax.Array:
 
 
 def compute_loss(params: dict, batch: dict, rng: jax.Array, step, *, config, generator, encoder,
-                 schedule: schedules.NoiseSchedule, train: bool = True) -> tuple[jax.Array, dict[str, Any]]:
+                 schedule: schedules.NoiseSchedule, train: bool = True,
+                 cond_encoder=None) -> tuple[jax.Array, dict[str, Any]]:
   """Total loss of one batch and its terms.
 
   params: {'generator': ..., 'encoder': ...} ('encoder' absent in stage 0).

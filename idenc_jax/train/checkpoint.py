@@ -1,0 +1,96 @@
+"""Checkpoints: the train state and the input pipeline's position, saved together with orbax.
+
+Layout: WORKDIR/checkpoints/<step>/{state, data}. `data` holds one JSON file per process (grain's
+format). Saves are asynchronous; `wait()` before exiting.
+"""
+
+import json
+import os
+from typing import Any
+
+import grain
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+class DataPosition:
+  """The input pipeline's position after the last batch the train step consumed.
+
+  Batches are prefetched, so the live iterator runs ahead of training; the loop records the
+  iterator's state as each batch is taken and checkpoints that, in grain's format.
+  """
+
+  def __init__(self, iterator=None):
+    self.iterator = iterator
+    self.state = None if iterator is None else iterator.get_state()
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.state).encode()
+
+  def set_state(self, state: bytes):
+    self.state = json.loads(state.decode() if isinstance(state, bytes) else state)
+    if self.iterator is not None:
+      self.iterator.set_state(self.state)
+
+  def start_prefetch(self):  # called by grain's handler after a restore
+    pass
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+class Checkpointer:
+  def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(save_every, 1), max_to_keep=keep, create=True,
+        enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data: DataPosition, *, force: bool = False) -> bool:
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data)), force=force)
+
+  def restore(self, step: int, abstract_state, data: DataPosition):
+    """Restores into `abstract_state`'s structure and shardings; sets the data position."""
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data)))
+    return out['state']
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def _resolve_step_dir(path: str) -> epath.Path:
+  """A workdir, its checkpoints/ folder or one step folder -> the step folder to read."""
+  p = epath.Path(os.path.abspath(path))
+  if (p / 'checkpoints').exists():
+    p = p / 'checkpoints'
+  if (p / 'state').exists():
+    return p
+  steps = sorted(int(c.name) for c in p.iterdir() if c.name.isdigit()) if p.exists() else []
+  if not steps:
+    raise FileNotFoundError(f'No checkpoint found in {path} (expected WORKDIR/checkpoints/<step>/state).')
+  return p / str(steps[-1])
+
+
+def load_params(path: str, *, ema: bool = True) -> dict[str, Any]:
+  """Parameters ({'generator', 'encoder', ...}) of the latest checkpoint under `path`, as host arrays.
+
+  EMA parameters by default (what sampling and evaluation use).
+  """
+  step_dir = _resolve_step_dir(path)
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.restore(step_dir / 'state')
+  return tree['ema_params' if ema else 'params']
+
+
+def checkpoint_step(path: str) -> int:
+  return int(_resolve_step_dir(path).name)

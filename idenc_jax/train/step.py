@@ -1,0 +1,43 @@
+"""The train step: a pure function (state, batch) -> (state, metrics), jitted once with shardings."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from idenc_jax import losses, models
+from idenc_jax.diffusion import schedules
+from idenc_jax.train import state as state_lib
+
+
+def make_train_step(config, optimizer: optax.GradientTransformation):
+  """Builds `train_step(state, batch)`. Models and schedule are closed over (static)."""
+  generator = models.build_generator(config)
+  encoder = models.build_encoder(config)
+  cond_encoder = models.build_condition_encoder(config) if config.stage == 2 else None
+  schedule = schedules.from_config(config)
+  lr = state_lib.learning_rate_schedule(config)
+  decay = config.train.ema_decay
+
+  def loss_fn(params, batch, rng, step):
+    return losses.compute_loss(params, batch, rng, step, config=config, generator=generator,
+                               encoder=encoder, schedule=schedule, cond_encoder=cond_encoder)
+
+  def train_step(state: state_lib.TrainState, batch: dict):
+    # Per-step randomness from the step number: a resumed run draws exactly the same numbers.
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, state.step)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    # A non-finite loss or gradient leaves the state untouched (step included); the host loop sees
+    # `finite == 0` and stops, so the last checkpoint stays good.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
+                              ema_params=keep(ema, state.ema_params), opt_state=keep(opt_state, state.opt_state))
+    metrics = dict(metrics, grad_norm=grad_norm, learning_rate=lr(state.step), finite=finite.astype(jnp.float32),
+                   step=state.step)
+    return new_state, metrics
+
+  return train_step
