@@ -8,6 +8,8 @@ Variants:
   stage0           unconditional generator pre-training on identity-agnostic data.
   cpu              a few-million-parameter 32x32 model on synthetic identities; trains on 2 CPU cores.
   tiny             the smallest model that exercises every code path (used by the tests).
+  sr, inpaint      stage 2: 8x super-resolution / 60% square inpainting from a stage-1 checkpoint
+                   (`--config.init_from=STAGE1_WORKDIR`); sr_cpu, inpaint_cpu = cpu,sr / cpu,inpaint.
 Variants combine with commas: `configs/base.py:cpu,stage0`.
 """
 
@@ -56,6 +58,11 @@ def _paper_config() -> config_dict.ConfigDict:
   s2.mask_fraction = 0.6       # inpainting square side / image side
   s2.cross_attn_resolutions = (16, 8)
   s2.token_dim = 512
+  # The condition encoder uses the identity encoder's levels down to this resolution, so its final map
+  # gives token_resolution^2 tokens (0: all levels, a 2x2 map of 4 tokens). A spatial map keeps the
+  # layout of the low-resolution or masked input, as Stable Diffusion's spatial conditions do.
+  s2.token_resolution = 16
+  s2.sr_upsample = 'nearest'   # how the low-res input returns to full size for the encoder: 'nearest'|'bicubic'
 
   # ---- Diffusion. ------------------------------------------------------------------------------------------
   c.diffusion = d = config_dict.ConfigDict()
@@ -131,6 +138,11 @@ def _paper_config() -> config_dict.ConfigDict:
   s.eta = 0.0
   s.seed = 0
   s.align = False              # detect and align faces in the references with dlib
+  # Stage 2 (restoration): the degraded input, a (R/sr_factor)^2 low-res image for 'sr' or a masked
+  # image for 'inpaint' (hole from its alpha channel, alpha 0 = missing, or from `mask`: white = missing).
+  s.condition = config_dict.placeholder(str)
+  s.mask = config_dict.placeholder(str)
+  s.condition_is_clean = False # `condition` is a clean RxR image: degrade it on the fly (mask drawn by seed)
 
   # ---- Evaluation (--mode=eval). ------------------------------------------------------------------------------
   c.eval = ev = config_dict.ConfigDict()
@@ -174,6 +186,11 @@ def _apply_cpu(c):
   c.loss.curriculum_steps = 1500
   c.sample.steps = 25
   c.eval.steps = 25
+  # Stage 2 at 32 px: 4x super-resolution (an 8x8 input, as coarse relative to the face's features as the
+  # paper's 16x16 at 128 px; 8x would leave 4x4), an 8x8 token map, cross-attention at 16 and 8.
+  c.stage2.sr_factor = 4
+  c.stage2.token_dim = 128
+  c.stage2.token_resolution = 8
 
 
 def _apply_tiny(c):
@@ -213,11 +230,38 @@ def _apply_stage0(c):
   c.loss.use_id_loss = False
 
 
+def _apply_stage2(c, task: str):
+  """Stage 2 (paper 3.4): condition encoder + cross-attention on a frozen stage-1 model (`init_from`).
+
+  Only the identity half trains: each image is denoised from its degraded version and the mean embedding of
+  the other images of its identity (references). The identity loss and the agnostic half (which has no
+  references) are off; the encoder is frozen.
+  """
+  c.stage = 2
+  c.stage2.task = task
+  c.loss.use_id_loss = False
+  c.loss.use_agnostic = False
+
+
+def _apply_sr_cpu(c):
+  _apply_cpu(c)
+  _apply_stage2(c, 'sr')
+
+
+def _apply_inpaint_cpu(c):
+  _apply_cpu(c)
+  _apply_stage2(c, 'inpaint')
+
+
 _VARIANTS = {
     'paper': lambda c: None,
     'cpu': _apply_cpu,
     'tiny': _apply_tiny,
     'stage0': _apply_stage0,
+    'sr': lambda c: _apply_stage2(c, 'sr'),
+    'inpaint': lambda c: _apply_stage2(c, 'inpaint'),
+    'sr_cpu': _apply_sr_cpu,
+    'inpaint_cpu': _apply_inpaint_cpu,
 }
 
 

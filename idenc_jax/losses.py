@@ -3,7 +3,8 @@ embeddings, the curriculum, and the total loss of one batch (paper section 3.3, 
 
     L = L_diff(I_id) + a1 * L_id(I_id) + a2 * L_diff(I_g)
 
-Stage 0 trains the generator unconditionally on every image of the batch.
+Stage 0 trains the generator unconditionally on every image of the batch. Stage 2 (`stage2_loss`) trains
+the condition encoder and the generator's cross-attention on a frozen stage-1 model.
 """
 
 from typing import Any
@@ -66,6 +67,17 @@ def aggregate_embeddings(z_refs: jax.Array) -> jax.Array:
   return jnp.mean(z_refs, axis=0)
 
 
+def leave_one_out_embeddings(z: jax.Array, groups: jax.Array, num_groups: int) -> jax.Array:
+  """For each image, the mean embedding of the *other* images of its group: [N, D].
+
+  (sum_{j in g} z_j - z_k) / (n_g - 1); an image alone in its group keeps its own embedding.
+  """
+  sums = jax.ops.segment_sum(z, groups, num_segments=num_groups)
+  counts = jax.ops.segment_sum(jnp.ones(z.shape[:1], z.dtype), groups, num_segments=num_groups)[groups]
+  others = (sums[groups] - z) / jnp.maximum(counts - 1.0, 1.0)[:, None]
+  return jnp.where((counts > 1.0)[:, None], others, z)
+
+
 def curriculum_probability(step, start: float, end: float, steps: int) -> jax.Array:
   """p(step): probability that a group's identity is dropped, linear from start to end over steps."""
   frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(steps, 1), 0.0, 1.0)
@@ -84,11 +96,15 @@ def compute_loss(params: dict, batch: dict, rng: jax.Array, step, *, config, gen
                  cond_encoder=None) -> tuple[jax.Array, dict[str, Any]]:
   """Total loss of one batch and its terms.
 
-  params: {'generator': ..., 'encoder': ...} ('encoder' absent in stage 0).
+  params: {'generator': ..., 'encoder': ...} ('encoder' absent in stage 0, 'cond_encoder' added in 2).
   batch: 'id_images' [B_id,R,R,3], 'id_labels' [B_id], 'id_groups' [B_id] (group ids unique in the
-  global batch, contiguous K x M), 'agnostic_images' [B_ag,R,R,3]; uint8 or float in [-1, 1].
+  global batch, contiguous K x M), 'agnostic_images' [B_ag,R,R,3]; uint8 or float in [-1, 1]; in stage 2
+  also 'id_condition' [B_id,R,R,C] and 'agnostic_condition' [B_ag,R,R,C].
   Both halves go through the encoder and the generator as one batch (one large matmul-friendly call).
   """
+  if config.stage == 2:
+    return stage2_loss(params, batch, rng, config=config, generator=generator, encoder=encoder,
+                       cond_encoder=cond_encoder, schedule=schedule, train=train)
   lc = config.loss
   x_id = images_to_float(batch['id_images'])
   x_ag = images_to_float(batch['agnostic_images'])
@@ -140,4 +156,63 @@ def compute_loss(params: dict, batch: dict, rng: jax.Array, step, *, config, gen
   metrics.update(loss=loss, diff_id=diff_id, diff_agnostic=diff_ag, id_loss=id_loss,
                  curriculum_p=p_drop, id_kept_fraction=keep.mean(),
                  embedding_norm=jnp.linalg.norm(z_all, axis=-1).mean())
+  return loss, metrics
+
+
+def frozen_stage1(config, params: dict) -> dict:
+  """Stage 2: stop gradients at the frozen stage-1 parameters, so the backward pass computes no gradient
+  for them (the optimizer zeroes their updates anyway; this saves their weight-gradient work)."""
+  from idenc_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
+  mask = state_lib.trainable_mask(config, params)
+  return jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
+
+
+def stage2_loss(params: dict, batch: dict, rng: jax.Array, *, config, generator, encoder, cond_encoder,
+                schedule: schedules.NoiseSchedule, train: bool = True) -> tuple[jax.Array, dict[str, Any]]:
+  """Stage-2 loss: denoise each target given its degraded version (tokens of the condition encoder) and
+  its identity from references.
+
+  Identity half: the target's identity embedding is the mean of the frozen encoder's embeddings of the
+  *other* images of its group (leave-one-out), so identity comes from references, as at inference
+  (E(Y) = mean_j Enc(y_j)), while layout and pose must come from the condition: conditioning on the
+  target's own embedding would hand the generator the target's structure and leave the condition unused.
+  Agnostic half (only when config.loss.use_agnostic; no references exist): its own embedding, weighted by
+  config.loss.agnostic_weight.
+  L = L_diff(I_id | cond, z_loo) [+ a2 * L_diff(I_g | cond, Enc(y))].
+  """
+  if cond_encoder is None:
+    raise ValueError('stage 2 needs the condition encoder (models.build_condition_encoder)')
+  lc = config.loss
+  params = frozen_stage1(config, params)
+  x_id = images_to_float(batch['id_images'])
+  c_id = batch['id_condition'].astype(jnp.float32)
+  n_id = x_id.shape[0]
+  num_groups = n_id // config.data.images_per_identity
+  if lc.use_agnostic:
+    x0 = jnp.concatenate([x_id, images_to_float(batch['agnostic_images'])], axis=0)
+    cond_images = jnp.concatenate([c_id, batch['agnostic_condition'].astype(jnp.float32)], axis=0)
+  else:
+    x0, cond_images = x_id, c_id
+  n = x0.shape[0]
+  rng_t, rng_noise, rng_drop = jax.random.split(rng, 3)
+  t = jax.random.randint(rng_t, (n,), 0, schedule.timesteps)
+  noise = jax.random.normal(rng_noise, x0.shape, jnp.float32)
+  x_t = schedules.q_sample(schedule, x0, t, noise)
+
+  z_all = encoder.apply({'params': params['encoder']}, x0)
+  z = leave_one_out_embeddings(z_all[:n_id], batch['id_groups'], num_groups)
+  if lc.use_agnostic:
+    z = jnp.concatenate([z, z_all[n_id:]], axis=0)
+  tokens = cond_encoder.apply({'params': params['cond_encoder']}, cond_images)
+  eps = generator.apply({'params': params['generator']}, x_t, t, z, tokens, train=train,
+                        rngs={'dropout': rng_drop})
+  per_example = diffusion_loss(eps, noise)
+  diff_id = per_example[:n_id].mean()
+  loss = diff_id
+  metrics = {'diff_id': diff_id}
+  if lc.use_agnostic:
+    diff_ag = per_example[n_id:].mean()
+    loss = loss + lc.agnostic_weight * diff_ag
+    metrics['diff_agnostic'] = diff_ag
+  metrics.update(loss=loss, token_norm=jnp.linalg.norm(tokens.astype(jnp.float32), axis=-1).mean())
   return loss, metrics

@@ -20,6 +20,10 @@ exactly the batch a single process (P=1) reads at step s. Within a step:
   - each image is flipped horizontally with probability 1/2 when config.data.random_flip.
 Within a step the processes therefore read disjoint records (distinct identities; distinct agnostic
 images, except when the step straddles the end of an agnostic epoch).
+Stage 2 (config.stage == 2) adds the condition of every image, made from the (flipped) clean image by
+`degrade.Degradation` with random parameters (mask positions) drawn from a stream of their own seeded by
+(config.seed, s), over the global batch as the plan is, so they too do not depend on P:
+  id_condition [B_id/P, R, R, C], agnostic_condition [B_ag/P, R, R, C], float32 in [-1, 1].
 Batch s is element s of a grain MapDataset, so the iterator's state is its position, saved and restored
 exactly (also with worker processes), and batches do not depend on config.data.num_workers. With workers,
 in-memory sources (the synthetic data) are pickled into each worker; prepared datasets are reopened there.
@@ -33,11 +37,13 @@ from typing import Any
 import grain
 import numpy as np
 
+from idenc_jax.data import degrade as degrade_lib
 from idenc_jax.data import sources as sources_lib
 
 _NUM_STEPS = 2**62          # the stream is effectively endless
 _PLAN_TAG = 0x1D5EED        # separates the plan's random streams from other users of the seed
 _AGNOSTIC_TAG = 0xA65EED
+_DEGRADE_TAG = 0xDE64AD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +103,8 @@ class BatchPlanner:
   """The global plan of a step: records and flips of every slot of the global batch."""
 
   def __init__(self, spec: BatchSpec, identity_offsets: list[np.ndarray], weights: np.ndarray,
-               label_offsets: list[int], num_agnostic: int, seed: int, random_flip: bool):
+               label_offsets: list[int], num_agnostic: int, seed: int, random_flip: bool,
+               degradation: degrade_lib.Degradation | None = None):
     self.spec = spec
     self.offsets = [np.asarray(o, np.int64) for o in identity_offsets]
     self.weights = np.asarray(weights, np.float64)
@@ -105,6 +112,7 @@ class BatchPlanner:
     self.num_agnostic = num_agnostic
     self.seed = seed
     self.random_flip = random_flip
+    self.degradation = degradation
     self._permutations: dict[int, np.ndarray] = {}
 
   def __getstate__(self):
@@ -150,7 +158,7 @@ class BatchPlanner:
       ag_record[epochs == e] = self._agnostic_permutation(int(e))[within[epochs == e]]
     ag_flip = rng.random(spec.agnostic_size) < 0.5 if self.random_flip else np.zeros(spec.agnostic_size,
                                                                                       bool)
-    return {
+    out = {
         'id_source': np.repeat(group_source, m),
         'id_record': records.reshape(-1),
         'id_label': np.repeat(labels, m).astype(np.int32),
@@ -158,6 +166,12 @@ class BatchPlanner:
         'ag_record': ag_record,
         'ag_flip': ag_flip,
     }
+    if self.degradation is not None:
+      # A stream of its own, so stage-2 batches show the same images as stage-1 batches of the same seed.
+      deg_rng = np.random.default_rng([self.seed, _DEGRADE_TAG, step])
+      out['id_degrade'] = self.degradation.draw(deg_rng, k * m)
+      out['ag_degrade'] = self.degradation.draw(deg_rng, spec.agnostic_size)
+    return out
 
   def local_plan(self, step: int) -> dict[str, np.ndarray]:
     """This process's rows of the global plan, plus its global group ids."""
@@ -195,12 +209,17 @@ class MakeBatch(grain.transforms.Map):
       sel = np.nonzero(plan['id_source'] == j)[0]
       if len(sel):
         id_images[sel] = src.read(plan['id_record'][sel])
-    return {
+    batch = {
         'id_images': _flip(id_images, plan['id_flip']),
         'id_labels': plan['id_label'],
         'id_groups': plan['id_group'],
         'agnostic_images': _flip(self.agnostic.read(plan['ag_record']), plan['ag_flip']),
     }
+    deg = self.planner.degradation
+    if deg is not None:
+      batch['id_condition'] = deg(batch['id_images'], plan['id_degrade'])
+      batch['agnostic_condition'] = deg(batch['agnostic_images'], plan['ag_degrade'])
+    return batch
 
 
 class ToPlainArrays(grain.transforms.Map):
@@ -214,9 +233,10 @@ def make_planner(config, sources: sources_lib.Sources, spec: BatchSpec) -> Batch
   if sources.agnostic is None:
     raise ValueError('The training pipeline needs an identity-agnostic source (load_sources(config, '
                      '"train")).')
+  degradation = degrade_lib.Degradation.from_config(config) if config.stage == 2 else None
   return BatchPlanner(spec, [s.offsets for s in sources.identity], sources.weights,
                       [s.label_offset for s in sources.identity], len(sources.agnostic), config.seed,
-                      config.data.random_flip)
+                      config.data.random_flip, degradation)
 
 
 def make_train_dataset(config, *, process_index: int | None = None, process_count: int | None = None,
@@ -245,7 +265,8 @@ def make_train_iterator(config, *, process_index: int | None = None, process_cou
   """Iterator of this process's numpy batches, with get_state()/set_state().
 
   Each batch: id_images uint8 [B_id/P, R, R, 3], id_labels int32 [B_id/P] (global identity labels),
-  id_groups int32 [B_id/P] (group ids unique in the global batch), agnostic_images uint8 [B_ag/P, R, R, 3].
+  id_groups int32 [B_id/P] (group ids unique in the global batch), agnostic_images uint8 [B_ag/P, R, R, 3];
+  in stage 2 also id_condition / agnostic_condition float32 [., R, R, C] (see the module docstring).
   process_index/process_count default to jax.process_index()/jax.process_count(). `sources` (default:
   `load_sources(config, 'train')`) lets callers reuse loaded data.
   """

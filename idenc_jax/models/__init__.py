@@ -34,10 +34,24 @@ def build_encoder(config) -> IdentityEncoder:
       attention=m.attention, remat=m.remat, dtype=compute_dtype(config))
 
 
+def condition_encoder_levels(config) -> int:
+  """Levels of the encoder family the condition encoder keeps: down to stage2.token_resolution."""
+  n = len(config.encoder.channel_mult)
+  target = config.stage2.token_resolution
+  if not target:
+    return n
+  r = config.model.resolution
+  for level in range(n):
+    if r // 2 ** level == target:
+      return level + 1
+  raise ValueError(f'config.stage2.token_resolution={target} is not one of the encoder levels '
+                   f'{[r // 2 ** i for i in range(n)]} (or 0 for all of them).')
+
+
 def build_condition_encoder(config) -> ConditionEncoder:
   e, m = config.encoder, config.model
   return ConditionEncoder(
-      base_channels=e.base_channels, channel_mult=tuple(e.channel_mult),
+      base_channels=e.base_channels, channel_mult=tuple(e.channel_mult)[:condition_encoder_levels(config)],
       num_res_blocks=e.num_res_blocks, attn_resolutions=tuple(e.attn_resolutions),
       num_heads=e.num_heads, token_dim=config.stage2.token_dim, num_groups=m.num_groups,
       mlp_ratio=m.mlp_ratio, attention=m.attention, remat=m.remat, dtype=compute_dtype(config))

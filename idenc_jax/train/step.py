@@ -29,7 +29,9 @@ def make_train_step(config, optimizer: optax.GradientTransformation):
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    # e + (1-d)(p-e) rather than d*e + (1-d)*p: equal in exact arithmetic, but this form leaves an
+    # unchanged parameter's average bit-identical (stage 2's frozen weights), which the other rounds.
+    ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params)
     # A non-finite loss or gradient leaves the state untouched (step included); the host loop sees
     # `finite == 0` and stops, so the last checkpoint stays good.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
