@@ -379,7 +379,7 @@ def _draw_hair_back(c: _Canvas) -> None:
   style, w, vol = f['hair_style'], f['face_width'], f['hair_volume']
   boxes = {  # head-frame boxes (u0, u1, v0, v1) holding each style's back hair
       'curly': (-1.7 * w * vol, 1.7 * w * vol, -0.3 - 1.42 * vol, -0.3 + 1.42 * vol),
-      'long': (-1.25 * w * vol, 1.25 * w * vol, -1.0 - 0.2 * f['hair_length'], 1.5 + 0.8 * f['hair_length']),
+      'long': (-1.25 * w * vol, 1.25 * w * vol, -1.0, 1.1 + 0.4 * f['hair_length']),
       'bob': (-1.32 * w * vol, 1.32 * w * vol, -0.06 - 1.2 * vol, 0.6),
       'bun': (-0.33, 0.33, -1.22 * vol - 0.31, -1.22 * vol + 0.31),
   }
@@ -394,7 +394,7 @@ def _draw_hair_back(c: _Canvas) -> None:
       cov = _cover(_ellipse_sdf(u, v, 0.0, -0.3, w * 1.55 * vol * bump, 1.32 * vol * bump), pw)
     elif name == 'long':
       length = _col(r.f['hair_length'])
-      cov = _cover(_box_sdf(u, v, 0.0, 0.25 + 0.4 * length, w * 1.22 * vol, 1.25 + 0.4 * length, w * 0.9),
+      cov = _cover(_box_sdf(u, v, 0.0, 0.05 + 0.2 * length, w * 1.22 * vol, 1.05 + 0.2 * length, w * 0.9),
                    pw)
     elif name == 'bob':
       cov = np.minimum(_cover(_ellipse_sdf(u, v, 0.0, -0.05, w * 1.3 * vol, 1.15 * vol), pw),
@@ -408,9 +408,9 @@ def _draw_hair_back(c: _Canvas) -> None:
 def _draw_head(c: _Canvas) -> None:
   f, w = c.f, c.f['face_width']
   # Neck behind the face.
-  r = c.region(None, -0.45 * w, 0.45 * w, 0.55 - 0.45 * w, 2.0)
+  r = c.region(None, -0.45 * w, 0.45 * w, 0.55 - 0.45 * w, 1.7)
   if r is not None:
-    r.paint(_cover(_capsule_sdf(r.u, r.v, 0.0, 0.6, 0.0, 1.5, 0.42 * _col(r.f['face_width'])), r.pw),
+    r.paint(_cover(_capsule_sdf(r.u, r.v, 0.0, 0.6, 0.0, 1.22, 0.42 * _col(r.f['face_width'])), r.pw),
             r.f['skin'] * 0.82)
   # Ears, then earrings hanging below them.
   es = f['ear_size']
@@ -721,9 +721,13 @@ def render_agnostic(num_images: int, resolution: int, *, seed: int) -> np.ndarra
 # Identity oracle.
 # ------------------------------------------------------------------------------------------------------
 
-_WORK = 32        # every image is resampled to this size before features are taken
-_GRID = 10        # canonical sampling grid (G x G points) over the head
-_GRID_EXTENT = 1.9  # half-width of the grid in units of the head radius estimate
+_WORK = 32           # every image is resampled to this size before features are taken
+_GRID = 12           # canonical sampling grid (G x G points) over the head
+_GRID_EXTENT = 1.6   # half-width of the grid in units of the head radius estimate
+_HIST_BINS = 4       # per channel, for the foreground colour histogram
+# Foreground mask: a soft ramp of width _MASK_W starting _MASK_LO + _MASK_K * (background texture) away
+# from the fitted background colour.
+_MASK_LO, _MASK_K, _MASK_W = 0.04, 2.0, 0.1
 
 
 def _resample_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -743,7 +747,9 @@ def _to_work(images: np.ndarray) -> np.ndarray:
     raise ValueError(f'images must be [N, H, W, 3] RGB, got shape {x.shape}.')
   if x.shape[0] == 0:
     raise ValueError('images must not be empty.')
-  if not np.issubdtype(x.dtype, np.integer):
+  if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+    raise ValueError(f'images must be integer or float, got {x.dtype}.')
+  if np.issubdtype(x.dtype, np.floating):
     if not np.all(np.isfinite(x)):
       raise ValueError('images contain non-finite values.')
     if x.min() < -1.0 or x.max() > 256.0:
@@ -751,8 +757,19 @@ def _to_work(images: np.ndarray) -> np.ndarray:
   x = x.astype(np.float32) / 255.0
   h, w = x.shape[1:3]
   if (h, w) != (_WORK, _WORK):
-    x = np.einsum('oh,nhwc,pw->nopc', _resample_matrix(h, _WORK), x, _resample_matrix(w, _WORK))
+    # Separable resampling as two large matrix products: columns, then rows.
+    n = len(x)
+    x = x.transpose(0, 1, 3, 2).reshape(-1, w) @ _resample_matrix(w, _WORK).T        # [N*H*C, WORK]
+    x = x.reshape(n, h, 3 * _WORK).transpose(0, 2, 1).reshape(-1, h) @ _resample_matrix(h, _WORK).T
+    x = x.reshape(n, 3, _WORK, _WORK).transpose(0, 3, 2, 1)                           # [N, o, p, C]
   return np.clip(x, 0, 1)
+
+
+def _box3(x: np.ndarray) -> np.ndarray:
+  """3x3 box blur with edge replication on [N, H, W, C]."""
+  p = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='edge')
+  h, w = x.shape[1:3]
+  return sum(p[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
 
 
 def _bilinear(img: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
@@ -770,165 +787,195 @@ def _bilinear(img: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
 
 
 def head_frame(images: np.ndarray) -> dict[str, np.ndarray]:
-  """Head position and size from pixels: a robust planar background fit on the image border, the
-  foreground mask where pixels depart from it, and the mask's centroid and area. Coordinates are in
-  work-resolution pixels; also returns the work-resolution images and the soft mask."""
+  """Where the head is, from pixels alone.
+
+  Fits a planar colour background per image to its border pixels (robustly: three rounds keeping the
+  60% best-fitting pixels, since hair and hats may reach the border), marks as foreground the pixels
+  that depart from it by more than the background's own texture, and returns the mask's centroid
+  (cx, cy) and equivalent-disc radius in work-resolution pixels, with the work-resolution images
+  ('images', [N, 32, 32, 3] in [0, 1]), the soft 'mask' and the fitted 'background'.
+  """
   x = _to_work(images)
-  n = x.shape[0]
   coords = np.arange(_WORK, dtype=np.float32)
   yy, xx = np.meshgrid(coords, coords, indexing='ij')
   border = np.zeros((_WORK, _WORK), bool)
   border[:2], border[-2:], border[:, :2], border[:, -2:] = True, True, True, True
-  design = np.stack([np.ones(border.sum()), xx[border] / _WORK - 0.5, yy[border] / _WORK - 0.5], 1)
-  values = x[:, border]                                         # [N, P, 3]
+  full = np.stack([np.ones_like(xx), xx / _WORK - 0.5, yy / _WORK - 0.5], -1)   # [H, W, 3]
+  design = full[border]                                                         # [P, 3]
+  values = x[:, border]                                                         # [N, P, 3]
   weights = np.ones(values.shape[:2], np.float32)
-  full = np.stack([np.ones_like(xx), xx / _WORK - 0.5, yy / _WORK - 0.5], -1)  # [H, W, 3]
   for _ in range(3):
-    # Weighted least squares of a plane per image and channel, then keep the 60% best-fitting pixels
-    # (hair, hats and the neck may reach the border).
-    a = np.einsum('np,pi,pj->nij', weights, design, design) + 1e-4 * np.eye(3)
-    rhs = np.einsum('np,pi,npc->nic', weights, design, values)
-    coef = np.linalg.solve(a, rhs)                              # [N, 3, 3 channels]
-    resid = np.linalg.norm(values - np.einsum('pi,nic->npc', design, coef), axis=-1)
-    cut = np.quantile(resid, 0.6, axis=1, keepdims=True)
-    weights = (resid <= cut).astype(np.float32)
-  bg = np.einsum('hwi,nic->nhwc', full, coef)
+    weighted = np.swapaxes(weights[..., None] * design, 1, 2)                 # [N, 3, P]
+    a = weighted @ design + 1e-4 * np.eye(3, dtype=np.float32)
+    coef = np.linalg.solve(a, weighted @ values)                                # [N, 3, 3 channels]
+    resid = np.linalg.norm(values - design @ coef, axis=-1)
+    weights = (resid <= np.quantile(resid, 0.6, axis=1, keepdims=True)).astype(np.float32)
+  bg = (full.reshape(-1, 3) @ coef).reshape(x.shape)
   diff = np.linalg.norm(x - bg, axis=-1)
-  mask = np.clip((diff - 0.06) / 0.1, 0, 1)
+  texture = np.sqrt((weights * resid ** 2).sum(1) / weights.sum(1))[:, None, None]
+  mask = np.clip((diff - _MASK_LO - _MASK_K * texture) / _MASK_W, 0, 1)
   mass = mask.sum((1, 2)) + 1e-3
-  cx = (mask * xx).sum((1, 2)) / mass
-  cy = (mask * yy).sum((1, 2)) / mass
-  radius = np.sqrt(mass / np.pi)
-  return {'images': x, 'mask': mask, 'cx': cx, 'cy': cy, 'radius': radius, 'background': bg}
+  return {
+      'images': x, 'mask': mask, 'background': bg,
+      'cx': (mask * xx).sum((1, 2)) / mass,
+      'cy': (mask * yy).sum((1, 2)) / mass,
+      'radius': np.sqrt(mass / np.pi),
+  }
+
+
+def _colour_histogram(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """Mask-weighted joint RGB histogram with linear (soft) binning, L1-normalised, square-rooted
+  (Hellinger) so frequent colours do not swamp rare ones. [N, bins^3]."""
+  n, b = len(images), _HIST_BINS
+  centres = np.linspace(0, 1, b, dtype=np.float32)
+  # Triangle weights of each pixel's channel value to each bin centre: [N, P, 3, b], summing to 1.
+  tri = np.maximum(0, 1 - np.abs(images.reshape(n, -1, 3, 1) - centres) * (b - 1))
+  rg = (tri[:, :, 0, :, None] * tri[:, :, 1, None, :]).reshape(n, -1, b * b)
+  rg *= mask.reshape(n, -1, 1)
+  hist = (np.swapaxes(rg, 1, 2) @ tri[:, :, 2, :]).reshape(n, -1)             # [N, b^3]
+  return np.sqrt(hist / (hist.sum(1, keepdims=True) + 1e-6)).astype(np.float32)
 
 
 def identity_features(images: np.ndarray) -> np.ndarray:
-  """Nuisance-tolerant appearance features [N, D] from pixels: colours and foreground mask sampled on a
-  coarse grid in the head-centred, size-normalised frame, plus the colour of the central face region."""
+  """Nuisance-tolerant appearance features [N, D] from pixels: the (lightly blurred) colours and the
+  foreground mask sampled on a grid in the head-centred, size-normalised frame, the head size, and the
+  foreground colour histogram (position invariant)."""
   fr = head_frame(images)
   g = np.linspace(-1, 1, _GRID, dtype=np.float32) * _GRID_EXTENT
   gy, gx = np.meshgrid(g, g, indexing='ij')
   r = fr['radius'][:, None]
   xs = fr['cx'][:, None] + r * gx.reshape(1, -1)
   ys = fr['cy'][:, None] + r * gy.reshape(1, -1)
-  # Smooth before sampling so a sample summarises its neighbourhood (robust to small rotations).
-  blurred = _box3(fr['images'])
-  colours = _bilinear(blurred, xs, ys)                          # [N, P, 3]
-  mask = _bilinear(_box3(fr['mask'][..., None]), xs, ys)[..., 0]
-  # Central face patch (the cheeks and nose region) gives the skin colour.
-  cg = np.linspace(-0.3, 0.3, 4, dtype=np.float32)
-  cgy, cgx = np.meshgrid(cg + 0.25, cg, indexing='ij')
-  centre = _bilinear(fr['images'], fr['cx'][:, None] + r * cgx.reshape(1, -1),
-                     fr['cy'][:, None] + r * cgy.reshape(1, -1)).mean(1)
-  return np.concatenate([colours.reshape(len(xs), -1), mask, centre, fr['radius'][:, None] / _WORK],
-                        1).astype(np.float32)
-
-
-def _box3(x: np.ndarray) -> np.ndarray:
-  """3x3 box blur with edge replication on [N, H, W, C]."""
-  p = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='edge')
-  h, w = x.shape[1:3]
-  return sum(p[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
+  # Blur before sampling so each sample summarises its neighbourhood (tolerates residual misalignment).
+  colours = _bilinear(_box3(fr['images']), xs, ys)                            # [N, P, 3]
+  mask = _bilinear(_box3(fr['mask'][..., None]), xs, ys)[..., 0]              # [N, P]
+  # At half resolution (2x2 means): four times cheaper, and colour amounts hardly change.
+  pool = lambda z: z.reshape(len(z), _WORK // 2, 2, _WORK // 2, 2, -1).mean((2, 4))
+  hist = _colour_histogram(pool(fr['images']), pool(fr['mask'][..., None])[..., 0])
+  return np.concatenate([colours.reshape(len(xs), -1), mask, r / _WORK, hist], 1).astype(np.float32)
 
 
 def _degrade(images: np.ndarray, seed: int) -> np.ndarray:
-  """Mild blur, colour shift and noise, like samples from a small generative model (float [0, 255])."""
+  """Mild blur, colour cast and noise, like samples of a small generative model (float [0, 255])."""
   rng = np.random.default_rng(seed)
-  x = images.astype(np.float32)
-  blur = _box3(x)
+  x = np.asarray(images, np.float32)
   k = rng.uniform(0, 1, (len(x), 1, 1, 1)).astype(np.float32)
-  x = x * (1 - k) + blur * k
+  x = x * (1 - k) + _box3(x) * k
   x = x * rng.uniform(0.93, 1.07, (len(x), 1, 1, 3)) + rng.normal(0, 5, (len(x), 1, 1, 3))
   x = x + rng.normal(0, 4, x.shape)
   return np.clip(x, 0, 255).astype(np.float32)
 
 
-class IdentityOracle:
-  """Which synthetic identity an image shows, measured from its pixels.
+_CALIBRATION_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
 
-  Features (`identity_features`) are whitened by the within-identity covariance estimated from real
-  rendered images: the gallery itself plus a fixed calibration set of other identities whose images are
-  also mildly degraded (blur, colour shift, noise), so the metric discounts nuisance and generator-like
-  variation. Classification is by nearest gallery identity centroid.
+
+def _calibration_residuals(num_identities: int, per_identity: int, resolution: int) -> np.ndarray:
+  """Within-identity feature residuals [N, D] of identities drawn apart from every train/test split,
+  every other image mildly degraded so the metric also discounts generator-like blur and colour cast."""
+  key = (num_identities, per_identity, resolution)
+  if key not in _CALIBRATION_CACHE:
+    labels = np.repeat(np.arange(num_identities), per_identity)
+    image = np.tile(np.arange(per_identity), num_identities)
+    imgs = _render(0, _SPLIT_CODES['calibration'], labels, image, resolution).astype(np.float32)
+    odd = image % 2 == 1
+    imgs[odd] = _degrade(imgs[odd], seed=resolution)
+    feats = identity_features(imgs).reshape(num_identities, per_identity, -1)
+    _CALIBRATION_CACHE[key] = (feats - feats.mean(1, keepdims=True)).reshape(len(labels), -1)
+  return _CALIBRATION_CACHE[key]
+
+
+class IdentityOracle:
+  """Which synthetic identity an image shows, measured from its pixels (never from factors).
+
+  `identity_features` are whitened by a within-identity covariance, pooled from the gallery's own
+  spread (when it has several images per identity) and a fixed calibration set of other identities
+  (half of them mildly degraded), shrunk towards a multiple of the identity; an image's distance to an
+  identity is the Euclidean distance, in that whitened space scaled by 1/sqrt(D), to the mean of the
+  identity's gallery features. Distances are thus about 1 between images of one identity (the typical
+  nuisance spread) and grow with identity differences. Classification is by nearest identity.
   """
 
   def __init__(self, gallery_images: np.ndarray, gallery_labels: np.ndarray, *,
-               calibration_identities: int = 96, calibration_images: int = 6, shrinkage: float = 0.05):
+               calibration_identities: int = 128, calibration_images: int = 4, shrinkage: float = 0.02):
+    images = np.asarray(gallery_images)
     labels = np.asarray(gallery_labels)
-    if labels.ndim != 1 or len(labels) != len(np.asarray(gallery_images)):
+    if images.ndim != 4:
+      raise ValueError(f'gallery_images must be [N, H, W, 3], got shape {images.shape}.')
+    if labels.ndim != 1 or len(labels) != len(images):
       raise ValueError(f'gallery_labels must be [N] matching gallery_images, got {labels.shape} for '
-                       f'{np.asarray(gallery_images).shape[0]} images.')
+                       f'{len(images)} images.')
     if not np.issubdtype(labels.dtype, np.integer):
       raise ValueError(f'gallery_labels must be integers, got {labels.dtype}.')
-    if not 0 <= shrinkage < 1:
-      raise ValueError(f'shrinkage must be in [0, 1), got {shrinkage}.')
-    feats = identity_features(gallery_images)
+    if not 0 < shrinkage < 1:
+      raise ValueError(f'shrinkage must be in (0, 1), got {shrinkage}.')
+    if calibration_identities and (calibration_identities < 2 or calibration_images < 2):
+      raise ValueError('calibration needs at least 2 identities of at least 2 images each.')
+    feats = identity_features(images)
     self.identities, inverse = np.unique(labels, return_inverse=True)
     if len(self.identities) < 2:
       raise ValueError('the gallery needs at least two identities.')
     counts = np.bincount(inverse)
-    centroids = np.stack([feats[inverse == k].mean(0) for k in range(len(self.identities))])
-    resid = [feats - centroids[inverse]]
-    dof = len(labels) - len(self.identities)
+    sums = np.zeros((len(self.identities), feats.shape[1]), np.float64)
+    np.add.at(sums, inverse, feats)
+    centroids = sums / counts[:, None]
+    covs = []
+    if (counts > 1).any():
+      resid = (feats - centroids[inverse]).astype(np.float64)
+      covs.append(resid.T @ resid / (len(labels) - len(self.identities)))
     if calibration_identities:
-      res = int(np.asarray(gallery_images).shape[1])
-      cal, cal_labels = _calibration_set(calibration_identities, calibration_images,
-                                         max(MIN_RESOLUTION, min(res, 64)))
-      cf = identity_features(cal)
-      cc = np.stack([cf[cal_labels == k].mean(0) for k in range(calibration_identities)])
-      resid.append(cf - cc[cal_labels])
-      dof += len(cal_labels) - calibration_identities
-    if dof < 1:
-      raise ValueError('need several images per identity (or calibration) to estimate the metric.')
-    r = np.concatenate(resid, 0).astype(np.float64)
-    cov = r.T @ r / dof
-    cov = (1 - shrinkage) * cov + shrinkage * np.trace(cov) / len(cov) * np.eye(len(cov))
-    evals, evecs = np.linalg.eigh(cov)
-    self._whiten = (evecs / np.sqrt(evals)).astype(np.float32)   # x @ W has identity covariance
-    self._dim = len(cov)
-    self.centroids = self.embed_features(centroids)
+      res = int(np.clip(images.shape[1], MIN_RESOLUTION, 64))
+      cal = _calibration_residuals(calibration_identities, calibration_images, res).astype(np.float64)
+      covs.append(cal.T @ cal / (len(cal) - calibration_identities))
+    if not covs:
+      raise ValueError('with one gallery image per identity the metric needs calibration '
+                       '(calibration_identities > 0).')
+    cov = sum(covs) / len(covs)
+    dim = len(cov)
+    cov = (1 - shrinkage) * cov + shrinkage * np.trace(cov) / dim * np.eye(dim)
+    # cov = L L^T, so x @ inv(L)^T has unit covariance within an identity (a Cholesky factor is several
+    # times cheaper than an eigendecomposition); / sqrt(D) makes its squared norm about 1.
+    chol = np.linalg.cholesky(cov)
+    self._whiten = (np.linalg.inv(chol).T / np.sqrt(dim)).astype(np.float32)
+    self.centroids = (centroids @ self._whiten).astype(np.float32)
     self.gallery_counts = counts
 
-  def embed_features(self, feats: np.ndarray) -> np.ndarray:
-    # Scaled so the expected squared within-identity distance is about 1.
-    return (feats @ self._whiten) / np.float32(math.sqrt(self._dim))
-
   def embed(self, images: np.ndarray) -> np.ndarray:
-    """Identity features [N, D] (whitened; Euclidean distances are identity distances)."""
-    return self.embed_features(identity_features(images))
+    """Identity features [N, D], whitened: Euclidean distances between them are identity distances."""
+    return identity_features(images) @ self._whiten
 
-  def _label_index(self, labels: np.ndarray, n: int) -> np.ndarray:
+  def _label_positions(self, labels, n: int) -> np.ndarray:
     labels = np.asarray(labels).reshape(-1)
     if labels.shape[0] != n:
       raise ValueError(f'labels must have one entry per image ({n}), got {labels.shape[0]}.')
-    pos = np.searchsorted(self.identities, labels)
-    pos = np.clip(pos, 0, len(self.identities) - 1)
+    pos = np.clip(np.searchsorted(self.identities, labels), 0, len(self.identities) - 1)
     bad = self.identities[pos] != labels
     if bad.any():
       raise ValueError(f'labels not in the gallery: {sorted(set(labels[bad].tolist()))[:10]}.')
     return pos
 
   def all_distances(self, images: np.ndarray) -> np.ndarray:
-    """[N, K] distance of each image to each gallery identity (order: self.identities)."""
+    """[N, K] distance of each image to each gallery identity (columns ordered as self.identities)."""
     e = self.embed(images)
-    d2 = (e * e).sum(1, keepdims=True) - 2 * e @ self.centroids.T + (self.centroids ** 2).sum(1)[None]
+    c = self.centroids
+    d2 = (e * e).sum(1, keepdims=True) - 2 * e @ c.T + (c * c).sum(1)[None]
     return np.sqrt(np.maximum(d2, 0))
 
-  def distance(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """[N] distance of each image to its labelled identity's gallery centroid."""
+  def distance(self, images: np.ndarray, labels) -> np.ndarray:
+    """[N] distance of each image to its labelled identity's gallery mean."""
     d = self.all_distances(images)
-    return d[np.arange(len(d)), self._label_index(labels, len(d))]
+    return d[np.arange(len(d)), self._label_positions(labels, len(d))]
 
-  def evaluate(self, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """accuracy (nearest gallery identity is the labelled one), top5_accuracy, chance (1 / identities),
-    mean_distance (to the labelled identity), mean_other_distance (to the nearest other identity)."""
+  def evaluate(self, images: np.ndarray, labels) -> dict[str, float]:
+    """accuracy: fraction whose nearest gallery identity is the labelled one; top5_accuracy; chance:
+    1 / gallery identities; mean_distance: to the labelled identity; mean_other_distance: to the
+    nearest other identity; num_images, num_identities."""
     d = self.all_distances(images)
-    pos = self._label_index(labels, len(d))
     rows = np.arange(len(d))
+    pos = self._label_positions(labels, len(d))
     own = d[rows, pos]
+    rank = (d < own[:, None]).sum(1)
     others = d.copy()
     others[rows, pos] = np.inf
-    rank = (d < own[:, None]).sum(1)
     return {
         'accuracy': float((rank == 0).mean()),
         'top5_accuracy': float((rank < 5).mean()),
@@ -938,22 +985,6 @@ class IdentityOracle:
         'num_images': int(len(d)),
         'num_identities': int(len(self.identities)),
     }
-
-
-_CALIBRATION_CACHE: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
-
-
-def _calibration_set(num_identities: int, per_identity: int, resolution: int):
-  """Rendered images of identities disjoint from train/test, half of them mildly degraded."""
-  key = (num_identities, per_identity, resolution)
-  if key not in _CALIBRATION_CACHE:
-    labels = np.repeat(np.arange(num_identities), per_identity)
-    image = np.tile(np.arange(per_identity), num_identities)
-    imgs = _render(0, _SPLIT_CODES['calibration'], labels, image, resolution).astype(np.float32)
-    half = image % 2 == 1
-    imgs[half] = _degrade(imgs[half], seed=resolution)
-    _CALIBRATION_CACHE[key] = (imgs, labels)
-  return _CALIBRATION_CACHE[key]
 
 
 # ------------------------------------------------------------------------------------------------------
