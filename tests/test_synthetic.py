@@ -264,6 +264,8 @@ def test_bad_arguments():
     S.identity_factors(2, seed=0, split='validation')
   with pytest.raises(ValueError, match='seed'):
     S.render_identities(2, 2, 32, seed=-1)
+  with pytest.raises(ValueError, match='seed'):
+    S.identity_factors(2, seed=1.5)
   with pytest.raises(ValueError, match='same length'):
     S.render_images([0, 1], [0], 32, seed=0)
 

@@ -216,6 +216,7 @@ def identity_factors(num_identities: int, *, seed: int, split: str = 'train') ->
   """Appearance factors of identities 0..num_identities-1 of `split` (names for discrete factors,
   RGB tuples in [0, 1] for colours, floats in face units for geometry)."""
   _check_count('num_identities', num_identities)
+  _check_seed(seed)
   ident = np.arange(num_identities)
   return _factor_dicts(_identity_arrays(seed, _check_split(split), ident), ident)
 
