@@ -19,7 +19,6 @@ View a grid: `python -m idenc_jax.data.synthetic --out=grid.png --resolution=64`
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Any
 
 import numpy as np
@@ -586,12 +585,13 @@ def _draw_accessories(c: _Canvas) -> None:
       lens.append(_cover(d, pw))
     if name == 'sunglasses':
       r.paint(np.maximum(*lens) * 0.92, frame * 0.25)
-    bridge = _cover(_capsule_sdf(u, v, rox - resp + resz * 1.7, rey - 0.02, rox + resp - resz * 1.7, rey - 0.02,
-                                 t * 0.8), pw)
+    inner = resp - resz * 1.7
+    bridge = _cover(_capsule_sdf(u, v, rox - inner, rey - 0.02, rox + inner, rey - 0.02, t * 0.8), pw)
     r.paint(np.maximum(np.maximum(*rims), bridge), frame)
     r.done()
   w = f['face_width']
-  boxes = {'beanie': (-1.15 * w, 1.15 * w, -1.43, -0.3), 'cap': (-1.2 * w - 0.15, 1.2 * w + 0.15, -1.23, -0.3),
+  boxes = {'beanie': (-1.15 * w, 1.15 * w, -1.43, -0.3),
+           'cap': (-1.2 * w - 0.15, 1.2 * w + 0.15, -1.23, -0.3),
            'wide_brim': (-1.81 * w, 1.81 * w, -1.56, -0.44)}
   for name, box in boxes.items():
     r = c.region(f['hat'] == HATS.index(name), *box)
@@ -607,7 +607,8 @@ def _draw_accessories(c: _Canvas) -> None:
     elif name == 'cap':
       dome = np.minimum(_cover(_ellipse_sdf(u, v, 0.0, -0.2, rw * 1.12, 1.02), pw), _cover(v + 0.5, pw))
       r.paint(dome, colour)
-      r.paint(_cover(_ellipse_sdf(u, v, 0.15 * _col(r.f['part_side']), -0.52, rw * 1.05, 0.13), pw), colour * 0.75)
+      visor = _ellipse_sdf(u, v, 0.15 * _col(r.f['part_side']), -0.52, rw * 1.05, 0.13)
+      r.paint(_cover(visor, pw), colour * 0.75)
     else:
       r.paint(_cover(_box_sdf(u, v, 0.0, -1.05, rw * 0.8, 0.5, 0.12), pw), colour)
       r.paint(_cover(_box_sdf(u, v, 0.0, -0.75, rw * 0.8, 0.07, 0.0), pw), colour * 0.5)
@@ -892,8 +893,10 @@ class IdentityOracle:
   spread (when it has several images per identity) and a fixed calibration set of other identities
   (half of them mildly degraded), shrunk towards a multiple of the identity; an image's distance to an
   identity is the Euclidean distance, in that whitened space scaled by 1/sqrt(D), to the mean of the
-  identity's gallery features. Distances are thus about 1 between images of one identity (the typical
-  nuisance spread) and grow with identity differences. Classification is by nearest identity.
+  identity's gallery features. Distances are thus of order 1 for the nuisance spread within an identity
+  (about 0.7 for fresh images of a gallery identity with 4 gallery images each, 32 to 64 px) and larger
+  between identities (about 1.1 to the nearest other identity, 1.6 to a random one). Classification is
+  by nearest identity.
   """
 
   def __init__(self, gallery_images: np.ndarray, gallery_labels: np.ndarray, *,
