@@ -5,6 +5,8 @@ import sys
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One BLAS thread per process: the tests run beside XLA's own threads on a 2-core machine.
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 # Test modules compile the same tiny models again and again: a persistent compilation cache turns
 # the repeats (also in subprocesses, which inherit these variables) into cache hits.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
