@@ -1,0 +1,213 @@
+"""Personalized restoration (stage 2): a degraded photo + reference photos of the person -> restored photos.
+
+Python API (the style of `personalize.Personalizer`, which it wraps):
+
+  r = Restorer.from_workdir(config, workdir)          # a stage-2 checkpoint (config.stage == 2)
+  z = r.personalizer.embed(['a.jpg', 'b.png'])        # identity from references: E(Y) = mean_j Enc(y_j)
+  cond = r.degrade(clean_uint8_images, seed=0)        # clean [N, R, R, 3] -> conditions [N, R, R, C]
+  cond = r.condition_from_input(low_res_or_masked, mask=None)[None]   # or a degraded input as given
+  out = r.restore(z, cond, num=4, sampler='ddim', steps=50, seed=0)   # uint8 [N, 4, R, R, 3]
+
+Conditions are those of `data.degrade` (the training pipeline's): for 'sr' the low-resolution image
+((R/sr_factor)^2 px) brought back to R px by config.stage2.sr_upsample, for 'inpaint' the masked image
+(hole at 0 = grey in [-1, 1]) plus the mask channel (1 = missing).
+
+Command line (`--mode=sample` on a stage-2 config; `personalize.sample_from_config` hands over):
+
+  python -m idenc_jax.main --config=configs/base.py:sr_cpu --workdir=STAGE2 --mode=sample \
+      --config.sample.refs=PHOTOS_DIR --config.sample.condition=low_res.png [--config.sample.num=4]
+
+`sample.condition` is the degraded input: for 'sr' a (R/sr_factor)x(R/sr_factor) image; for 'inpaint' an RxR
+image whose hole is its alpha channel (alpha < 128 = missing) or the white pixels of `sample.mask`. With
+`sample.condition_is_clean` it is a clean photo (largest centred square, resized to R) that is degraded here
+(the inpainting hole placed by `sample.seed`). Writes OUT/restored_NNN.png, OUT/input.png (the degraded input
+at full size, hole grey), OUT/grid.png (references | input | restored, then the clean image when given) and
+OUT/embedding.npy; OUT defaults to WORKDIR/restored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from idenc_jax import models, personalize, sampling
+from idenc_jax.data import degrade as degrade_lib
+from idenc_jax.data.prepare import center_crop_resize
+from idenc_jax.train import checkpoint as ckpt_lib
+
+
+def _read(path: str, what: str) -> Image.Image:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{what} not found: {path}')
+  try:
+    im = Image.open(path)
+    im.load()
+    return ImageOps.exif_transpose(im)
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    raise ValueError(f'Cannot read {what} {path}: {e}') from e
+
+
+class Restorer:
+  """Stage-2 restoration: condition tokens from a degraded image, identity from references."""
+
+  def __init__(self, config, params: dict, *, check: bool = True):
+    if config.stage != 2:
+      raise ValueError(f'Restoration needs a stage-2 config (configs/base.py:sr or :inpaint); got stage '
+                       f'{config.stage}.')
+    if 'cond_encoder' not in params:
+      raise ValueError("The checkpoint has no 'cond_encoder' parameters: it is not a stage-2 checkpoint.")
+    self.personalizer = personalize.Personalizer(config, params, check=check)
+    self.config = config
+    self.resolution = config.model.resolution
+    self.degradation = degrade_lib.Degradation.from_config(config)
+    cond_encoder = models.build_condition_encoder(config)
+    if check:
+      expected = jax.eval_shape(
+          lambda: cond_encoder.init(jax.random.key(0), jnp.zeros((1, self.resolution, self.resolution,
+                                                                  self.degradation.channels))))['params']
+      want = jax.tree.map(lambda a: a.shape, expected)
+      got = jax.tree.map(np.shape, params['cond_encoder'])
+      if want != got:
+        raise ValueError('The checkpoint\'s cond_encoder does not match this config (task '
+                         f'{config.stage2.task!r}, token_resolution {config.stage2.token_resolution}); pass '
+                         'the config it was trained with.')
+    self._tokens = jax.jit(lambda p, c: cond_encoder.apply({'params': p}, c))
+
+  @classmethod
+  def from_workdir(cls, config, workdir: str) -> 'Restorer':
+    try:
+      params = ckpt_lib.load_params(workdir, ema=True)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f'Workdir {workdir} has no checkpoint to restore with; train stage 2 first '
+                              f'(--config.init_from=STAGE1_WORKDIR). ({e})') from e
+    return cls(config, params)
+
+  # ---- Conditions. ----
+  def degrade(self, clean: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Clean uint8 images [N, R, R, 3] -> conditions [N, R, R, C]; inpainting holes drawn from `seed`."""
+    params = self.degradation.draw(np.random.default_rng(seed), len(clean))
+    return self.degradation(clean, params)
+
+  def condition_from_input(self, image: Any, mask: Any = None) -> np.ndarray:
+    """A degraded input as given -> one condition [R, R, C].
+
+    sr: uint8 RGB (or PIL image / path) of (R/f)x(R/f) px. inpaint: uint8 RGBA of RxR (alpha < 128 =
+    missing), or RGB plus `mask` (RxR; nonzero/white = missing).
+    """
+    deg, r = self.degradation, self.resolution
+    im = _read(image, 'Degraded input image') if isinstance(image, (str, os.PathLike)) else image
+    arr = np.asarray(im)
+    if deg.task == 'sr':
+      rgb = np.asarray(Image.fromarray(arr).convert('RGB')) if arr.ndim == 2 or arr.shape[-1] != 3 else arr
+      return deg.condition_from_low_resolution(rgb[None])[0]
+    if arr.shape[:2] != (r, r):
+      raise ValueError(f'An inpainting input must be {r}x{r} px (the model resolution), got '
+                       f'{arr.shape[1]}x{arr.shape[0]}; or pass a clean photo with condition_is_clean.')
+    if mask is None:
+      if arr.ndim != 3 or arr.shape[-1] != 4:
+        raise ValueError('An inpainting input needs its hole: an RGBA image (alpha < 128 = missing) or a '
+                         'mask image (config.sample.mask, white = missing).')
+      hole = arr[..., 3] < 128
+    else:
+      m = np.asarray(_read(mask, 'Mask image').convert('L') if isinstance(mask, (str, os.PathLike)) else mask)
+      if m.ndim == 3:
+        m = m[..., 0]
+      if m.shape != (r, r):
+        raise ValueError(f'The mask must be {r}x{r} px, got {m.shape[1]}x{m.shape[0]}.')
+      hole = m > (127 if m.dtype == np.uint8 else 0.5)
+    rgb = np.asarray(Image.fromarray(arr).convert('RGB'))
+    return degrade_lib.inpaint_condition(rgb[None], hole[None])[0]
+
+  def show(self, conditions: np.ndarray) -> np.ndarray:
+    """What the model sees, as uint8 RGB [N, R, R, 3]: the up-sampled low-res image or the grey-hole image."""
+    return sampling.to_uint8(np.asarray(conditions)[..., :3])
+
+  def tokens(self, conditions: np.ndarray) -> np.ndarray:
+    c = np.asarray(conditions, np.float32)
+    want = (self.resolution, self.resolution, self.degradation.channels)
+    if c.ndim != 4 or c.shape[1:] != want:
+      raise ValueError(f'conditions must have shape [N, {", ".join(map(str, want))}], got {c.shape}.')
+    return np.asarray(self._tokens(self.personalizer.params['cond_encoder'], jnp.asarray(c)))
+
+  # ---- Restoration. ----
+  def restore_batch(self, zs: np.ndarray, conditions: np.ndarray, num: int = 1, *, sampler: str = 'ddim',
+                    steps: int | None = 50, eta: float = 0.0, seed: int = 0,
+                    max_images_per_call: int = 64) -> np.ndarray:
+    """Condition i restored with identity zs[i]: zs [N, D], conditions [N, R, R, C] -> uint8
+    [N, num, R, R, 3]. Row i uses seed `seed + i`, whatever the chunking."""
+    zs = np.asarray(zs, np.float32)
+    conditions = np.asarray(conditions, np.float32)
+    n = len(zs)
+    if n != len(conditions) or n == 0:
+      raise ValueError(f'{n} embeddings for {len(conditions)} conditions (need the same number, >= 1).')
+    chunk = max(1, min(n, max_images_per_call // max(num, 1)))
+    out = []
+    for start in range(0, n, chunk):   # equal chunks (the last padded): one compiled sampler serves all
+      idx = np.minimum(np.arange(start, start + chunk), n - 1)
+      imgs = self.personalizer.generate_batch(zs[idx], num, sampler=sampler, steps=steps, eta=eta,
+                                              seeds=seed + idx, context=self.tokens(conditions[idx]))
+      out.append(imgs[:min(chunk, n - start)])
+    return np.concatenate(out)
+
+  def restore(self, z: np.ndarray, conditions: np.ndarray, num: int = 1, **kw) -> np.ndarray:
+    """Every condition [N, R, R, C] restored as the identity with embedding z [D]: uint8 [N, num, R, R, 3]."""
+    z = np.asarray(z, np.float32)
+    if z.shape != (self.personalizer.embed_dim,):
+      raise ValueError(f'Embedding must have shape [{self.personalizer.embed_dim}], got {z.shape}.')
+    return self.restore_batch(np.broadcast_to(z, (len(conditions),) + z.shape), conditions, num, **kw)
+
+
+def restore_from_config(config, workdir: str) -> dict:
+  """`--mode=sample` for stage 2: config.sample.{refs, condition, mask, condition_is_clean} -> files in
+  config.sample.out (default WORKDIR/restored). Returns the written paths."""
+  s = config.sample
+  if not s.condition:
+    raise ValueError('config.sample.condition is not set: give the degraded input image (or a clean one with '
+                     '--config.sample.condition_is_clean=True).')
+  if not s.refs:
+    raise ValueError('config.sample.refs is not set: give a folder of reference photos of the person or a '
+                     'saved .npy embedding.')
+  out_dir = s.out or os.path.join(workdir, 'restored')
+  r = config.model.resolution
+  if str(s.refs).endswith('.npy'):
+    z, refs = personalize.load_embedding(s.refs, config.model.embed_dim), None
+  else:
+    if not os.path.exists(s.refs):
+      raise FileNotFoundError(f'config.sample.refs not found: {s.refs}')
+    refs = personalize.load_references(s.refs, r, align=s.align)
+  image = _read(s.condition, 'config.sample.condition')
+  restorer = Restorer.from_workdir(config, workdir)
+  clean = None
+  if s.condition_is_clean:
+    clean = np.asarray(center_crop_resize(image.convert('RGB'), r))[None]
+    cond = restorer.degrade(clean, seed=s.seed)
+  else:
+    cond = restorer.condition_from_input(image, s.mask)[None]
+  if refs is not None:
+    z = restorer.personalizer.embed(refs, align=False)
+  steps = None if s.sampler == 'ddpm' and s.steps >= config.diffusion.timesteps else s.steps
+  restored = restorer.restore(z, cond, s.num, sampler=s.sampler, steps=steps, eta=s.eta, seed=s.seed)[0]
+
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {'restored': []}
+  for i, img in enumerate(restored):
+    paths['restored'].append(os.path.join(out_dir, f'restored_{i:03d}.png'))
+    Image.fromarray(img).save(paths['restored'][-1])
+  shown = restorer.show(cond)
+  paths['input'] = os.path.join(out_dir, 'input.png')
+  Image.fromarray(shown[0]).save(paths['input'])
+  right = np.concatenate([shown, restored] + ([clean] if clean is not None else []))
+  grid = personalize.references_and_samples_grid(refs, right) if refs is not None else sampling.image_grid([right])
+  paths['grid'] = os.path.join(out_dir, 'grid.png')
+  Image.fromarray(grid).save(paths['grid'])
+  paths['embedding'] = os.path.join(out_dir, 'embedding.npy')
+  personalize.save_embedding(paths['embedding'], z)
+  logging.info('Restored %s (%s) %d times with %s into %s.', s.condition, config.stage2.task, s.num, s.refs,
+               out_dir)
+  return paths
