@@ -10,6 +10,8 @@ Variants:
   tiny             the smallest model that exercises every code path (used by the tests).
   sr, inpaint      stage 2: 8x super-resolution / 60% square inpainting from a stage-1 checkpoint
                    (`--config.init_from=STAGE1_WORKDIR`); sr_cpu, inpaint_cpu = cpu,sr / cpu,inpaint.
+  diffae, avg,     Table 3's ablation chain: DiffAE (own embedding per image), + average embedding,
+  multitask, full  + multi-task (agnostic half), + identity loss (= the paper's method).
 Variants combine with commas: `configs/base.py:cpu,stage0`.
 """
 
@@ -151,6 +153,15 @@ def _paper_config() -> config_dict.ConfigDict:
   ev.sampler = 'ddim'
   ev.steps = 50
   ev.inception_weights = config_dict.placeholder(str)   # pytorch-fid weight file; FID skipped without it
+  ev.num_identities = 0        # test identities evaluated (0: all with more than R images)
+  ev.sweep = ''                # extra 'sampler:steps,...' runs for quality vs steps, e.g. 'ddim:10,dpmpp:10'
+
+  # ---- Fine-tuning baseline (idenc_jax.finetune): DreamBooth-like, per identity. ------------------------------
+  c.finetune = ft = config_dict.ConfigDict()
+  ft.steps = 400               # Adam steps on the identity's R references (diffusion loss)
+  ft.learning_rate = 1e-5      # generator weights
+  ft.embedding_learning_rate = 1e-2   # the identity vector, learned from zero (no encoder involved)
+  ft.num_identities = 4        # test identities personalized this way (it is slow)
   return c
 
 
@@ -186,6 +197,8 @@ def _apply_cpu(c):
   c.loss.curriculum_steps = 1500
   c.sample.steps = 25
   c.eval.steps = 25
+  c.finetune.steps = 100
+  c.finetune.learning_rate = 2e-4
   # Stage 2 at 32 px: 4x super-resolution (an 8x8 input, as coarse relative to the face's features as the
   # paper's 16x16 at 128 px; 8x would leave 4x4), an 8x8 token map, cross-attention at 16 and 8.
   c.stage2.sr_factor = 4
@@ -222,6 +235,7 @@ def _apply_tiny(c):
   c.eval.steps = 4
   c.eval.num_references = 2
   c.eval.num_generated = 2
+  c.finetune.steps = 4
   c.diffusion.timesteps = 100
 
 
@@ -253,11 +267,41 @@ def _apply_inpaint_cpu(c):
   _apply_stage2(c, 'inpaint')
 
 
+# Table 3's chain (paper 4.3): each row adds one ingredient; `full` is the paper's method.
+def _apply_diffae(c):
+  """DiffAE: each image conditioned on its own embedding; no identity loss, no agnostic half."""
+  c.loss.average_embedding = False
+  c.loss.use_id_loss = False
+  c.loss.use_agnostic = False
+
+
+def _apply_avg(c):
+  """+ average embedding: a group's images share a random convex combination of their embeddings."""
+  _apply_diffae(c)
+  c.loss.average_embedding = True
+
+
+def _apply_multitask(c):
+  """+ multi-task: also the identity-agnostic half (plain diffusion autoencoding)."""
+  _apply_avg(c)
+  c.loss.use_agnostic = True
+
+
+def _apply_full(c):
+  """+ identity loss: the paper's method (the defaults, set explicitly)."""
+  _apply_multitask(c)
+  c.loss.use_id_loss = True
+
+
 _VARIANTS = {
     'paper': lambda c: None,
     'cpu': _apply_cpu,
     'tiny': _apply_tiny,
     'stage0': _apply_stage0,
+    'diffae': _apply_diffae,
+    'avg': _apply_avg,
+    'multitask': _apply_multitask,
+    'full': _apply_full,
     'sr': lambda c: _apply_stage2(c, 'sr'),
     'inpaint': lambda c: _apply_stage2(c, 'inpaint'),
     'sr_cpu': _apply_sr_cpu,

