@@ -3,7 +3,10 @@
 Parses flags, optionally joins a multi-host job, and hands over to one importable function per mode.
 """
 
+import importlib
+import importlib.util
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -18,8 +21,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def initialize_distributed():
   """Joins a multi-process JAX job. Coordinates come from the environment: on TPU VMs and SLURM JAX
-  finds them itself; elsewhere (launch/local_multiprocess.sh) from IDENC_COORDINATOR,
-  IDENC_NUM_PROCESSES and IDENC_PROCESS_ID."""
+  finds them itself (launch/tpu_vm.sh, launch/slurm.sbatch); elsewhere (launch/local_multiprocess.sh)
+  from IDENC_COORDINATOR, IDENC_NUM_PROCESSES and IDENC_PROCESS_ID."""
   import jax
   if os.environ.get('IDENC_COORDINATOR'):
     if os.environ.get('JAX_PLATFORMS', '').startswith('cpu'):
@@ -28,7 +31,10 @@ def initialize_distributed():
                                num_processes=int(os.environ['IDENC_NUM_PROCESSES']),
                                process_id=int(os.environ['IDENC_PROCESS_ID']))
   else:
-    jax.distributed.initialize()
+    # IDENC_LOCAL_DEVICE_IDS (e.g. 0,1,2,3): the devices of this process when it drives several GPUs;
+    # unset, JAX's cluster detection decides (one GPU per process under SLURM).
+    ids = os.environ.get('IDENC_LOCAL_DEVICE_IDS')
+    jax.distributed.initialize(local_device_ids=[int(i) for i in ids.split(',')] if ids else None)
 
 
 class _QuietLibraries(logging.logging.Filter):
@@ -39,11 +45,42 @@ class _QuietLibraries(logging.logging.Filter):
     return not noisy or record.levelno >= logging.logging.WARNING
 
 
+# Each mode: (module, function(config, workdir)). Modules are imported only when their mode runs.
+_MODES = {
+    'train': ('idenc_jax.train.loop', 'train_and_evaluate'),
+    'sample': ('idenc_jax.personalize', 'sample_from_config'),
+    'eval': ('idenc_jax.evaluate.harness', 'evaluate'),
+}
+
+
+def check_mode(mode: str) -> None:
+  """A clear error when the module of `mode` is not part of this installation (checked without
+  importing it, so before any JAX initialisation)."""
+  module_name, _ = _MODES[mode]
+  try:
+    spec = importlib.util.find_spec(module_name)
+  except (ModuleNotFoundError, ValueError):
+    spec = None
+  if spec is None:
+    raise app.UsageError(f'--mode={mode} needs the module {module_name}, which this installation '
+                         'does not have.')
+
+
+def mode_function(mode: str):
+  """The function that runs `mode`."""
+  module_name, fn_name = _MODES[mode]
+  fn = getattr(importlib.import_module(module_name), fn_name, None)
+  if fn is None:
+    raise app.UsageError(f'--mode={mode} needs {module_name}.{fn_name}, which does not exist.')
+  return fn
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = FLAGS.config
+  check_mode(FLAGS.mode)  # fail fast, before joining a multi-host job
   if config.distributed:
     initialize_distributed()
   import jax
@@ -55,16 +92,47 @@ def main(argv):
     pass
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
-  if FLAGS.mode == 'train':
-    from idenc_jax.train import loop
-    loop.train_and_evaluate(config, FLAGS.workdir)
-  elif FLAGS.mode == 'sample':
-    from idenc_jax import personalize
-    personalize.sample_from_config(config, FLAGS.workdir)
-  elif FLAGS.mode == 'eval':
-    from idenc_jax.evaluate import harness
-    harness.evaluate(config, FLAGS.workdir)
+  mode_function(FLAGS.mode)(config, FLAGS.workdir)
+
+
+def _unknown_overrides(argv: list[str]) -> list[str]:
+  """The `--config.a.b=...` overrides of argv that name no field of the selected config."""
+  spec_arg = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if spec_arg is None:
+    return []
+  path, _, variant = spec_arg.partition(':')
+  spec = importlib.util.spec_from_file_location('_idenc_config_check', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(variant) if variant else module.get_config()
+  unknown = []
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    node = config
+    for part in arg[len('--config.'):].split('=', 1)[0].split('.'):
+      if not hasattr(node, 'keys') or part not in node:
+        unknown.append(arg)
+        break
+      node = node[part]
+  return unknown
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a clear message for a misspelt config override (fields are locked)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    try:
+      unknown = _unknown_overrides(argv)
+    except Exception:  # pylint: disable=broad-except  (the message below still helps)
+      unknown = []
+    what = (f'no such config field: {", ".join(unknown)}' if unknown else
+            f'a --config.* override names no field of the config ({e})')
+    sys.stderr.write(f'FATAL Flags parsing error: {what}. Config fields are locked; check the spelling '
+                     'against configs/base.py.\n')
+    sys.exit(1)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

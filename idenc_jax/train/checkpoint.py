@@ -9,6 +9,8 @@ import os
 from typing import Any
 
 import grain
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -36,8 +38,13 @@ class DataPosition:
     pass
 
 
+def absolute(path: str) -> str:
+  """An absolute local path (orbax needs one); URLs such as gs://bucket/run pass unchanged."""
+  return path if '://' in path else os.path.abspath(path)
+
+
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return os.path.join(absolute(workdir), 'checkpoints')
 
 
 class Checkpointer:
@@ -45,6 +52,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(save_every, 1), max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save)
+    self.workdir = workdir
     self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
   def latest_step(self) -> int | None:
@@ -56,6 +64,12 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state, data: DataPosition):
     """Restores into `abstract_state`'s structure and shardings; sets the data position."""
+    data_file = (epath.Path(checkpoint_dir(self.workdir)) / str(step) / 'data' /
+                 f'process_{jax.process_index()}-of-{jax.process_count()}.json')
+    if not data_file.exists():
+      raise FileNotFoundError(
+          f'{data_file} is missing: the checkpoint at step {step} was written by a different number of '
+          f'processes than the {jax.process_count()} of this run (resume with the same process count).')
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data)))
     return out['state']
@@ -70,7 +84,7 @@ class Checkpointer:
 
 def _resolve_step_dir(path: str) -> epath.Path:
   """A workdir, its checkpoints/ folder or one step folder -> the step folder to read."""
-  p = epath.Path(os.path.abspath(path))
+  p = epath.Path(absolute(path))
   if (p / 'checkpoints').exists():
     p = p / 'checkpoints'
   if (p / 'state').exists():
@@ -82,14 +96,22 @@ def _resolve_step_dir(path: str) -> epath.Path:
 
 
 def load_params(path: str, *, ema: bool = True) -> dict[str, Any]:
-  """Parameters ({'generator', 'encoder', ...}) of the latest checkpoint under `path`, as host arrays.
+  """Parameters ({'generator', 'encoder', ...}) of the latest checkpoint under `path`, as numpy arrays.
 
-  EMA parameters by default (what sampling and evaluation use).
+  EMA parameters by default (what sampling and evaluation use). Only that part of the state is read,
+  whatever the mesh or process count that wrote it.
   """
   step_dir = _resolve_step_dir(path)
-  with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.restore(step_dir / 'state')
-  return tree['ema_params' if ema else 'params']
+  key = 'ema_params' if ema else 'params'
+  tree = ocp.PyTreeCheckpointHandler().metadata(step_dir / 'state').tree
+  with ocp.PyTreeCheckpointer() as ckptr:
+    if key not in tree:
+      raise ValueError(f'{step_dir}/state holds no {key!r}; is it a checkpoint of this trainer?')
+    item = {key: tree[key]}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    out = ckptr.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+  return out[key]
 
 
 def checkpoint_step(path: str) -> int:

@@ -1,8 +1,7 @@
 """train_and_evaluate: the training loop (mesh, input, state, compiled step, checkpoints, metrics, samples)."""
 
-import json
+import io
 import logging
-import os
 import queue
 import signal
 import threading
@@ -12,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from clu import metric_writers, parameter_overview, periodic_actions
+from etils import epath
 from jax.experimental import multihost_utils
 from PIL import Image
 
@@ -124,7 +124,10 @@ class SampleGrid:
 
   def __call__(self, ema_params) -> np.ndarray:
     refs = jnp.asarray(self.references, jnp.float32) / 127.5 - 1.0
-    samples = sampling.to_uint8(self.fn(ema_params['generator'], ema_params['encoder'], refs, self.rng))
+    samples = self.fn(ema_params['generator'], ema_params['encoder'], refs, self.rng)
+    # Parameters may be sharded over several hosts (FSDP); every process takes part in the sampler
+    # and receives the whole grid.
+    samples = sampling.to_uint8(multihost_utils.process_allgather(samples, tiled=True))
     rows = [np.concatenate([self.references[i], samples[i]]) for i in range(len(samples))]
     return sampling.image_grid(rows)
 
@@ -133,6 +136,12 @@ class SampleGrid:
 # State: restore from the workdir, else initialise from an earlier stage (config.init_from), else fresh.
 # ---------------------------------------------------------------------------------------------------------
 def initial_state(config, mesh, checkpointer, data_position):
+  """The train state, sharded over `mesh`, and its shardings.
+
+  Resumes from the workdir's latest checkpoint (model and data position); else initialises fresh
+  parameters on the devices, already sharded (never a full copy on one host), and with
+  `config.init_from` overwrites those an earlier stage provides.
+  """
   rng = jax.random.key(config.seed)
   abstract = jax.eval_shape(lambda r: state_lib.create_train_state(config, r), rng)
   shardings = sharding_lib.state_shardings(abstract, mesh)
@@ -143,23 +152,47 @@ def initial_state(config, mesh, checkpointer, data_position):
                                     abstract, shardings)
     return checkpointer.restore(latest, abstract_sharded, data_position), shardings
 
-  create = jax.jit(lambda r, p: state_lib.create_train_state(config, r, p), out_shardings=shardings)
+  state = jax.jit(lambda r: state_lib.create_train_state(config, r), out_shardings=shardings)(rng)
   if config.init_from:
-    loaded = ckpt_lib.load_params(config.init_from, ema=True)
-    fresh = jax.jit(lambda r: state_lib.init_params(config, r))(jax.random.split(rng)[0])
-    params = state_lib.params_from_earlier_stage(config, fresh, loaded)
-    logging.info('Initialised from %s (step %d).', config.init_from, ckpt_lib.checkpoint_step(config.init_from))
-    return create(rng, params), shardings
-  fresh = jax.jit(lambda r: state_lib.init_params(config, r))(jax.random.split(rng)[0])
-  return create(rng, fresh), shardings
+    state = _init_from_earlier_stage(config, state)
+  return state, shardings
 
 
-def _write_config(config, workdir):
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+def _init_from_earlier_stage(config, state: state_lib.TrainState) -> state_lib.TrainState:
+  """Copies an earlier stage's EMA parameters into a fresh state (params and EMA alike).
+
+  Adam's moments and count are zero whatever the parameters, so the fresh optimizer state stands.
+  """
+  loaded = ckpt_lib.load_params(config.init_from, ema=True)
+  merged = state_lib.params_from_earlier_stage(config, state.params, loaded)
+
+  def place(new, fresh):
+    # Copied arrays are host arrays: each process puts its own shards on its devices.
+    if new is fresh:
+      return fresh
+    return jax.make_array_from_callback(fresh.shape, fresh.sharding, lambda index: new[index])
+
+  params = jax.tree.map(place, merged, state.params)
+  # A second copy for the EMA: params and EMA must be distinct buffers (the state is donated).
+  ema = jax.tree.map(lambda new, p, e: e if new is p else place(new, e), merged, state.params,
+                     state.ema_params)
+  logging.info('Initialised from %s (step %d).', config.init_from,
+               ckpt_lib.checkpoint_step(config.init_from))
+  return state.replace(params=params, ema_params=ema)
 
 
-def _mean_metrics(pending: list) -> dict:
+def _write_config(config, workdir: str):
+  (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
+
+
+def _write_png(path: epath.Path, image: np.ndarray):
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format='PNG')
+  path.write_bytes(buffer.getvalue())
+
+
+def _mean_metrics(pending: list) -> tuple[dict, int | None]:
+  """Means of the pending steps' metrics, and the state step of the first non-finite one (or None)."""
   host = jax.device_get(pending)
   out = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k not in ('step', 'finite')}
   bad = [int(m['step']) for m in host if not m['finite']]
@@ -167,72 +200,87 @@ def _mean_metrics(pending: list) -> dict:
 
 
 def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
-  """Trains per `config`, writing checkpoints, TensorBoard logs and sample grids under `workdir`."""
-  workdir = os.path.abspath(workdir)
+  """Trains per `config`, writing checkpoints, TensorBoard logs and sample grids under `workdir`.
+
+  Resumes from the workdir's latest checkpoint when there is one. Raises NonFiniteLossError (after
+  keeping the last good checkpoint) when a step's loss or gradient is not finite.
+  """
+  workdir = ckpt_lib.absolute(workdir)  # a local path or a URL (gs://...) all hosts can write
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if is_main:
     _write_config(config, workdir)
   tc = config.train
-
-  # ---- Mesh and input. ----
-  mesh = sharding_lib.make_mesh(config)
-  logging.info('Mesh %s over %d devices (%d processes).', dict(mesh.shape), mesh.size, jax.process_count())
-  iterator = pipeline.make_train_iterator(config)
-  data_position = ckpt_lib.DataPosition(iterator)
-
-  # ---- State: resume, init_from or fresh. ----
-  checkpointer = ckpt_lib.Checkpointer(workdir, save_every=tc.checkpoint_every, keep=tc.keep_checkpoints)
-  state, shardings = initial_state(config, mesh, checkpointer, data_position)
-  start_step = int(state.step)
-  if is_main:
-    parameter_overview.log_parameter_overview(state.params)
-  logging.info('Parameters: %s.', {k: state_lib.count_params(v) for k, v in state.params.items()})
-
-  # ---- The compiled step. ----
-  optimizer = state_lib.make_optimizer(config, state.params)
-  train_step = step_lib.make_train_step(config, optimizer)
-  batch_sh = sharding_lib.batch_sharding(mesh)
-  jitted = jax.jit(train_step, in_shardings=(shardings, batch_sh),
-                   out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
-  prefetcher = DevicePrefetcher(iterator, mesh, config.data.prefetch)
-  batch, position = prefetcher.next()
-  t0 = time.time()
-  compiled = jitted.lower(state, batch).compile()
-  logging.info('Compiled the train step in %.1f s.', time.time() - t0)
-  mem = compiled.memory_analysis()
-  if mem is not None:
-    logging.info('Step memory: arguments %.1f MiB, temporaries %.1f MiB.',
-                 mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20)
-
-  # ---- Metrics, samples, preemption. ----
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-  writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
-  report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
-  grids = SampleGrid(config)
+  # Installed first: a preemption during start-up (compilation takes a while) still ends cleanly.
   preemption = PreemptionFlag()
-  pending, last_log = [], time.time()
-  step = start_step
-
-  def flush_metrics(step):
-    nonlocal pending, last_log
-    if not pending:
-      return
-    means, bad_step = _mean_metrics(pending)
-    if bad_step is not None:
-      raise NonFiniteLossError(
-          f'Non-finite loss or gradient at step {bad_step}; the run stops and the last checkpoint '
-          f'(step {checkpointer.latest_step()}) is kept. Lower the learning rate or check the data.')
-    dt = time.time() - last_log
-    means['images_per_s'] = len(pending) * tc.batch_size / dt
-    means['step_time_s'] = dt / len(pending)
-    writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
-    logging.info('step %d: loss %.4f (%.1f img/s)', step, means['loss'], means['images_per_s'])
-    pending, last_log = [], time.time()
-
+  checkpointer = None
+  prefetcher = None
+  writer = None
   try:
+    # ---- Mesh and input. ----
+    mesh = sharding_lib.make_mesh(config)
+    logging.info('Mesh %s over %d devices (%d processes).', dict(mesh.shape), mesh.size,
+                 jax.process_count())
+    iterator = pipeline.make_train_iterator(config)
+    data_position = ckpt_lib.DataPosition(iterator)
+
+    # ---- State: resume, init_from or fresh. ----
+    checkpointer = ckpt_lib.Checkpointer(workdir, save_every=tc.checkpoint_every, keep=tc.keep_checkpoints)
+    state, shardings = initial_state(config, mesh, checkpointer, data_position)
+    start_step = int(state.step)
+    if start_step >= tc.num_steps:
+      logging.info('The workdir holds step %d >= train.num_steps=%d: nothing to train.', start_step,
+                   tc.num_steps)
+      return state
+    # Statistics need every shard on this host; across hosts only shapes and shardings are listed.
+    parameter_overview.log_parameter_overview(state.params, include_stats=jax.process_count() == 1,
+                                              jax_logging_process=0)
+    logging.info('Parameters: %s.', {k: state_lib.count_params(v) for k, v in state.params.items()})
+
+    # ---- The compiled step: jitted once, ahead of the loop, so compile time and memory are logged. ----
+    optimizer = state_lib.make_optimizer(config, state.params)
+    train_step = step_lib.make_train_step(config, optimizer)
+    jitted = jax.jit(train_step, in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+                     out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
+    prefetcher = DevicePrefetcher(iterator, mesh, config.data.prefetch)
+    batch, position = prefetcher.next()
+    t0 = time.time()
+    compiled = jitted.lower(state, batch).compile()
+    logging.info('Compiled the train step in %.1f s.', time.time() - t0)
+    mem = compiled.memory_analysis()
+    if mem is not None:
+      logging.info('Step memory per device: arguments %.1f MiB, temporaries %.1f MiB.',
+                   mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20)
+
+    # ---- Metrics and samples: only process 0 writes files. ----
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+    writer.write_hparams(_flat(config.to_dict()))
+    report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
+    grids = SampleGrid(config)
+    pending, last_log = [], time.time()
+    step = start_step
+
+    def flush_metrics(step):
+      nonlocal pending, last_log
+      if not pending:
+        return
+      means, bad = _mean_metrics(pending)
+      if bad is not None:
+        # The step left the state as it was, so every checkpoint on disk holds finite parameters.
+        raise NonFiniteLossError(
+            f'Non-finite loss or gradient at train step {bad + 1} (the update from step {bad}); the run '
+            f'stops and keeps its last checkpoint (step {checkpointer.latest_step()}). Lower the '
+            'learning rate or check the data.')
+      dt = time.time() - last_log
+      means['images_per_s'] = len(pending) * tc.batch_size / dt
+      means['step_time_s'] = dt / len(pending)
+      writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
+      logging.info('step %d/%d: loss %.4f, %.1f img/s', step, tc.num_steps, means['loss'],
+                   means['images_per_s'])
+      pending, last_log = [], time.time()
+
     while step < tc.num_steps:
-      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step), jax.transfer_guard('disallow'):
         state, metrics = compiled(state, batch)
       pending.append(metrics)
       step += 1
@@ -245,22 +293,26 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
       if grids.enabled and (step % tc.sample_every == 0 or step == tc.num_steps):
         grid = grids(state.ema_params)
         if is_main:
-          os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
-          Image.fromarray(grid).save(os.path.join(workdir, 'samples', f'step_{step:07d}.png'))
+          (epath.Path(workdir) / 'samples').mkdir(exist_ok=True)
+          _write_png(epath.Path(workdir) / 'samples' / f'step_{step:07d}.png', grid)
           writer.write_images(step, {'samples/references_then_samples': grid[None]})
-      if preemption.check(step, tc.log_every):
+      if step < tc.num_steps and preemption.check(step, tc.log_every):
         flush_metrics(step)
-        checkpointer.save(step, state, position, force=True)
+        if checkpointer.latest_step() != step:
+          checkpointer.save(step, state, position, force=True)
         logging.warning('Preempted at step %d: checkpoint saved, exiting.', step)
         break
       if step < tc.num_steps:
         batch, position = prefetcher.next()
+    return state
   finally:
-    prefetcher.close()
+    if prefetcher is not None:
+      prefetcher.close()
     preemption.restore()
-    checkpointer.close()
-    writer.flush()
-  return state
+    if checkpointer is not None:
+      checkpointer.close()  # waits for the asynchronous saves
+    if writer is not None:
+      writer.flush()
 
 
 def _flat(d, prefix=''):

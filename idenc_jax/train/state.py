@@ -96,11 +96,15 @@ def merge_pretrained(fresh: dict, loaded: dict, prefix: str = '') -> tuple[dict,
   """
   flat_fresh = flax.traverse_util.flatten_dict(fresh, sep='/')
   flat_loaded = flax.traverse_util.flatten_dict(loaded, sep='/')
+  unused = sorted(set(flat_loaded) - set(flat_fresh))
+  if unused:
+    raise ValueError(f'init_from: the checkpoint holds {len(unused)} arrays this model lacks (e.g. '
+                     f'{prefix}{unused[0]}); the architectures differ.')
   merged, copied, kept = {}, [], []
   for path, value in flat_fresh.items():
     src = flat_loaded.get(path)
     if src is not None and tuple(src.shape) == tuple(value.shape):
-      merged[path] = jnp.asarray(src, value.dtype)
+      merged[path] = np.asarray(src, value.dtype)  # host copy; the caller places it on the devices
       copied.append(prefix + path)
     else:
       if src is not None:
@@ -118,6 +122,9 @@ def params_from_earlier_stage(config, fresh: dict, loaded: dict) -> dict:
   fresh. Stage 2 from stage 1: generator and identity encoder are copied, the condition encoder and
   cross-attention layers stay fresh.
   """
+  if 'generator' not in loaded:
+    raise ValueError(f'init_from={config.init_from!r}: the checkpoint has no generator parameters '
+                     f'(it holds {sorted(loaded)}).')
   out = dict(fresh)
   for name in ('generator', 'encoder'):
     if name in fresh and name in loaded:
