@@ -21,7 +21,8 @@ writes OUT/sample_000.png ..., OUT/grid.png (references on the left, samples on 
 OUT/embedding.npy. `config.sample.refs` may instead name a saved `.npy` embedding, which skips the photos
 (the grid then holds only the samples). OUT defaults to WORKDIR/personalized.
 
-Conditional tasks (stage 2) pass condition tokens to `generate(..., context=...)`; everything else is shared.
+Conditional tasks (stage 2) pass condition tokens to `generate(..., context=...)`; on a stage-2 config
+`--mode=sample` hands over to `restore.restore_from_config`.
 """
 
 from __future__ import annotations
@@ -328,6 +329,9 @@ def sample_from_config(config, workdir: str) -> dict:
   """`--mode=sample`: config.sample.refs (a folder/file of photos, or a .npy embedding) -> files in
   config.sample.out (default WORKDIR/personalized). Returns the written paths."""
   if config.stage == 2:   # restoration: a degraded input plus references (idenc_jax/restore.py)
+    from idenc_jax import restore  # pylint: disable=import-outside-toplevel
+    return restore.restore_from_config(config, workdir)
+  if config.stage == 2:   # restoration from a degraded input: the stage-2 module owns that CLI
     from idenc_jax import restore  # pylint: disable=import-outside-toplevel
     return restore.restore_from_config(config, workdir)
   s = config.sample

