@@ -40,6 +40,7 @@ class UNet(nn.Module):
   cross_attn_resolutions: Sequence[int] = ()
   attention: str = 'xla'
   remat: bool = False
+  conv_grad: str = 'xla'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -64,7 +65,8 @@ class UNet(nn.Module):
     det = not train
 
     def res(h, ch, name, resample='none'):
-      return Res(ch, self.num_groups, self.dropout, resample, dt, det, name=name)(h, emb, cond)
+      return Res(ch, self.num_groups, self.dropout, resample, dt, det, conv_grad=self.conv_grad,
+                 name=name)(h, emb, cond)
 
     def attn(h, name, ctx=None):
       return Attn(self.num_heads, self.mlp_ratio, self.dropout, self.attention, dt, det, name=name)(h, ctx)
@@ -76,7 +78,7 @@ class UNet(nn.Module):
         h = attn(h, f'{name}_xattn', context)
       return h
 
-    h = layers.conv3x3(self.base_channels, dt, 'conv_in')(x.astype(dt))
+    h = layers.conv3x3(self.base_channels, dt, 'conv_in', conv_grad=self.conv_grad)(x.astype(dt))
     skips = [h]
     cur = self.resolution
     levels = len(self.channel_mult)
@@ -108,5 +110,5 @@ class UNet(nn.Module):
     assert not skips and cur == self.resolution
 
     h = nn.silu(layers.group_norm(self.num_groups, dt, 'norm_out')(h))
-    out = layers.conv3x3(self.out_channels, dt, 'conv_out', zero=True)(h)
+    out = layers.conv3x3(self.out_channels, dt, 'conv_out', zero=True, conv_grad=self.conv_grad)(h)
     return out.astype(jnp.float32)

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The prepared GPU check of issue 7, run from the repository root on a lent H100/H200:
+#   (a) correctness: the tiny config's fixed-batch loss and gradient norm on the GPU (bf16, float32
+#       at highest precision, bf16 + cuDNN fused attention) against the CPU's float32 value, computed
+#       beside it in a JAX_PLATFORMS=cpu subprocess; 3 finite bf16 train steps;
+#   (b) speed: the paper config at batch 128 on one GPU, one subprocess per lever setting, in order
+#       of importance (bf16 with the sampling step at batch 128, bf16+fused, fp32, bf16+remat,
+#       bf16+remat+b256),
+#       MFU against the dense bf16 datasheet peak (--peak_flops) with the measured matmul alongside;
+#   (c) everything into $OUT (check.json, bench.jsonl, bench.json, log.txt, env.txt) and a table.
+# Each part runs under `timeout`, and variants that would start after the deadline are skipped, so
+# one hang cannot eat the lease. Total on an H100: under 7 minutes including compilation.
+#
+# Dry run on a CPU machine (tiny config everywhere, a few seconds of timing):
+#   IDENC_GPU_CHECK_CPU=1 OUT=/tmp/gpu_check bash launch/gpu_check.sh
+# ml_collections is not on the GPU image: its wheel travels in .whl when carried; without it the
+# benchmark reads configs/base.py through its own small stand-in.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# One process at a time holds the GPU: let it take most of the memory (batch 128 in float32 is large).
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+PY=${PYTHON:-python3}
+LOG="$OUT/log.txt"
+START=$(date +%s)
+elapsed() { echo $(( $(date +%s) - START )); }
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/idenc_site \
+    .whl/*.whl >>"$LOG" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/idenc_site"
+fi
+
+if [ "${IDENC_GPU_CHECK_CPU:-0}" = 1 ]; then
+  BENCH_CONFIG=configs/base.py:tiny; BATCH=16; SAMPLE=8; STEPS=2; WARMUP=1; PEAK=""
+  VARIANTS=bf16,fp32+mmgrad
+  BUDGET=${IDENC_GPU_CHECK_BUDGET:-900}; CHECK_TIMEOUT=600
+else
+  BENCH_CONFIG=configs/base.py:paper; BATCH=128; SAMPLE=128; STEPS=5; WARMUP=3
+  PEAK=--peak_flops=989.4e12   # H100/H200 SXM dense bf16 datasheet; the measured matmul is recorded too
+  VARIANTS=bf16,bf16+fused,fp32,bf16+remat,bf16+remat+b256
+  BUDGET=${IDENC_GPU_CHECK_BUDGET:-390}; CHECK_TIMEOUT=150
+fi
+
+{
+  echo "start $(date -u +%FT%TZ)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 || true
+  $PY -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, \
+'flax', flax.__version__, 'optax', optax.__version__); print(jax.devices())" 2>&1
+  $PY -c "import ml_collections; print('ml_collections', ml_collections.__file__)" 2>&1 | tail -1
+} >"$OUT/env.txt"
+cat "$OUT/env.txt"
+
+echo "== (a) correctness, tiny config ($(elapsed) s)"
+timeout "$CHECK_TIMEOUT" $PY -m idenc_jax.benchmark --check --config=configs/base.py:tiny \
+  --variants=bf16,fp32,bf16+fused --steps=3 --json_out="$OUT/check.json" 2>>"$LOG"
+CHECK_RC=$?
+[ $CHECK_RC = 0 ] || echo "correctness check exited with $CHECK_RC (see log.txt)"
+
+echo "== (b) speed, $BENCH_CONFIG batch $BATCH ($(elapsed) s)"
+REMAINING=$(( BUDGET - $(elapsed) ))
+# All variants in one process: XLA's autotuning results for the shared convolution shapes carry over
+# from one variant's compile to the next (an OOM is an exception there and costs only its variant;
+# variants after the first report their executable's memory, the first the device's high-water mark).
+# A variant starts only if one as long as the longest so far would end by the deadline; `timeout`
+# ends a hang.
+timeout $(( REMAINING + 20 )) $PY -m idenc_jax.benchmark --config="$BENCH_CONFIG" \
+  --config.train.batch_size=$BATCH --variants="$VARIANTS" --steps=$STEPS --warmup=$WARMUP \
+  --sample_batch=$SAMPLE --sample_first_only $PEAK --measure_matmul --isolate=no \
+  --deadline=$(( REMAINING - 10 )) --records_out="$OUT/bench.jsonl" --json_out="$OUT/bench.json" \
+  2>>"$LOG" | tee "$OUT/table.txt" | grep -v '^{'
+BENCH_RC=${PIPESTATUS[0]}
+[ "$BENCH_RC" = 0 ] || echo "benchmark exited with $BENCH_RC (see log.txt)"
+
+echo "== summary ($(elapsed) s)"
+$PY - "$OUT" <<'EOF'
+import json, os, sys
+out = sys.argv[1]
+path = os.path.join(out, 'check.json')
+if os.path.exists(path):
+  c = json.load(open(path))
+  print(f"correctness {'PASS' if c['pass'] else 'FAIL'} on {c['device']}: " + ', '.join(
+      f"{v} {'ok' if r.get('pass') else 'FAIL'} ({r.get('loss_rel_err', float('nan')):.1e})"
+      for v, r in c['variants'].items()))
+else:
+  print('correctness: no result')
+path = os.path.join(out, 'bench.jsonl')
+for line in open(path) if os.path.exists(path) else []:
+  r = json.loads(line)
+  if 'error' in r:
+    print(f"{r['variant']:<18} FAILED {r['error'][:80]}")
+    continue
+  mem = r['peak_memory_bytes'] or 0
+  print(f"{r['variant']:<18} {r['train_images_per_s']:8.1f} img/s {r['train_step_ms']:8.1f} ms  "
+        f"MFU {100 * (r['mfu'] or 0):5.1f}%  compile {r['compile_s']:5.1f} s  mem {mem / 2**30:5.1f} GiB  "
+        f"sample@{r['sample_batch']} {r['sample_step_ms'] or float('nan'):6.1f} ms  "
+        f"matmul peak {r.get('matmul_flops_measured') or float('nan'):.3g}")
+EOF
+echo "done in $(elapsed) s"

@@ -1,0 +1,98 @@
+"""The benchmark: its JSON record, its FLOP count against the analytic model count, its config front."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from idenc_jax import benchmark as bm
+from idenc_jax import flops
+
+
+def test_cli_prints_one_json_object_with_every_key(capsys):
+  result = bm.main(['--config=configs/base.py:tiny,stage0', '--steps=2', '--warmup=0', '--sample_batch=2',
+                    '--peak_flops=1e10', '--fast_compile', '--config.data.prefetch=1'])
+  lines = capsys.readouterr().out.strip().splitlines()
+  record = json.loads(lines[-1])
+  assert record == json.loads(json.dumps(result))
+  assert lines[0].split()[:3] == ['variant', 'img/s', 'step']   # the table comes first
+  for key in bm.KEYS:
+    assert record[key] is not None, key
+  assert record['device'] == 'cpu:cpu' and record['finite']
+  b = record['batch_size']
+  assert b == 16 and record['prefetch'] == 1
+  # Derived numbers from their definitions.
+  assert record['train_images_per_s'] == pytest.approx(1e3 * b / record['train_step_ms'])
+  assert record['peak_flops'] == 1e10 and record['peak_flops_source'] == 'flag'
+  config = bm.load_config('configs/base.py:tiny,stage0')
+  assert record['flops_per_image_analytic'] == flops.training_flops_per_image(config)
+  assert record['mfu'] == pytest.approx(record['flops_per_image_analytic'] * record['train_images_per_s'] / 1e10)
+  # XLA's count of the whole step (backward, optimizer) within 10% of 3 x the analytic forward.
+  assert record['flops_per_image_xla'] == pytest.approx(record['flops_per_image_analytic'], rel=0.1)
+  assert record['peak_memory_bytes'] > 0 and record['compile_s'] > 0 and record['sample_step_ms'] > 0
+
+
+def test_paper_config_xla_flops_match_the_analytic_count():
+  """The base config's step lowered on abstract shapes only (nothing materialised, no compile): XLA's
+  cost analysis of the unoptimised module counts the backward convolutions and dots exactly."""
+  config = bm.load_config('configs/base.py:paper', {'data.images_per_identity': 2})
+  lowered = bm.lower_train_step(config, batch_size=4)
+  xla = bm._cost_flops(lowered) / 4
+  analytic = flops.training_flops_per_image(config)
+  assert 400e9 < analytic < 600e9
+  assert xla == pytest.approx(analytic, rel=0.1), (xla / 1e9, analytic / 1e9)
+
+
+def test_variant_levers():
+  assert bm.variant_overrides('bf16+remat+fused+mmgrad+b256+prefetch0') == {
+      'model.dtype': 'bfloat16', 'model.remat': True, 'model.attention': 'fused', 'model.conv_grad': 'matmul',
+      'train.batch_size': 256, 'data.prefetch': 0}
+  assert bm.variant_overrides('fp32+train.learning_rate=1e-4') == {'model.dtype': 'float32',
+                                                                     'train.learning_rate': '1e-4'}
+  with pytest.raises(ValueError, match='unknown lever'):
+    bm.variant_overrides('bf17')
+  config = bm.load_config('configs/base.py:cpu', bm.variant_overrides('bf16+remat+b64'))
+  assert (config.model.dtype, config.model.remat, config.train.batch_size) == ('bfloat16', True, 64)
+
+
+def test_overrides_are_typed_and_checked():
+  config = bm.load_config('configs/base.py:tiny', {'train.learning_rate': '3', 'model.remat': 'true',
+                                                   'model.attn_resolutions': '(4, 2)'})
+  assert config.train.learning_rate == 3.0 and isinstance(config.train.learning_rate, float)
+  assert config.model.remat is True and tuple(config.model.attn_resolutions) == (4, 2)
+  with pytest.raises(ValueError, match='unknown config field'):
+    bm.load_config('configs/base.py:tiny', {'model.dtpye': 'bfloat16'})
+  with pytest.raises(FileNotFoundError):
+    bm.load_config('configs/nothing.py:tiny')
+
+
+def test_config_stand_in_reads_the_config_like_ml_collections(monkeypatch):
+  """Without ml_collections (the GPU image), configs/base.py loads through the stand-in unchanged."""
+  real = bm.load_config('configs/base.py:cpu')
+  for name in [m for m in sys.modules if m == 'ml_collections' or m.startswith('ml_collections.')]:
+    monkeypatch.delitem(sys.modules, name)
+  monkeypatch.setitem(sys.modules, 'ml_collections', None)   # makes `import ml_collections` fail
+  with pytest.raises(ImportError):
+    import ml_collections  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  stand_in = bm.load_config('configs/base.py:cpu', {'model.dtype': 'bfloat16'})
+  assert isinstance(stand_in, bm._FallbackConfigDict)
+  assert stand_in.to_dict() == {**real.to_dict(), 'model': {**real.model.to_dict(), 'dtype': 'bfloat16'}}
+  with pytest.raises(ValueError, match='unknown config field'):
+    bm.override(stand_in, 'model.nope', 1)
+
+
+def test_synthetic_batch_structure():
+  config = bm.load_config('configs/base.py:tiny')
+  batch = bm.synthetic_batch(config)
+  m = config.data.images_per_identity
+  assert batch['id_images'].shape == (8, 16, 16, 3) and batch['id_images'].dtype == np.uint8
+  assert batch['agnostic_images'].shape == (8, 16, 16, 3)
+  np.testing.assert_array_equal(batch['id_groups'], np.repeat(np.arange(8 // m), m))
+  with pytest.raises(ValueError, match='images_per_identity'):
+    bm.synthetic_batch(bm.load_config('configs/base.py:tiny', {'train.batch_size': 10}))
+
+
+def test_table_reports_failed_variants():
+  table = bm.format_table([{'variant': 'bf16+b512', 'error': 'RESOURCE_EXHAUSTED: out of memory'}])
+  assert 'FAILED' in table and 'RESOURCE_EXHAUSTED' in table

@@ -1,0 +1,219 @@
+"""Every performance lever computes the same function as the plain float32 model.
+
+Model-level: the loss and gradients of a fixed batch (random, non-zero parameters, so every layer
+matters) under each lever against the plain float32 XLA model, within the lever's dtype tolerance.
+Layer-level: the matmul-gradient convolution and the attention paths against numpy float64 formulas.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from idenc_jax import benchmark as bm
+from idenc_jax.models import layers
+from idenc_jax.models.unet import block_cls
+from idenc_jax.train import state as state_lib
+
+# Tests compile at LLVM -O0: half the compile time; the arithmetic XLA emits is the same.
+FAST_COMPILE = {'xla_backend_optimization_level': 0}
+
+
+def tiny(**overrides):
+  return bm.load_config('configs/base.py:tiny', overrides)
+
+
+def flat(tree) -> np.ndarray:
+  return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
+
+
+@pytest.fixture(scope='module')
+def reference():
+  loss, metrics, grads = bm.fixed_batch_loss_and_grads(tiny(), compiler_options=FAST_COMPILE)
+  assert np.isfinite(loss) and metrics['id_kept_fraction'] > 0   # every loss term takes part
+  g = flat(grads)
+  assert np.linalg.norm(g) > 0
+  return loss, g
+
+
+def _assert_model_close(reference, overrides, tol_loss, tol_grad):
+  ref_loss, ref_grads = reference
+  loss, _, grads = bm.fixed_batch_loss_and_grads(tiny(**overrides), compiler_options=FAST_COMPILE)
+  g = flat(grads)
+  assert g.shape == ref_grads.shape   # the parameter tree is unchanged
+  assert abs(loss - ref_loss) <= tol_loss * abs(ref_loss), (loss, ref_loss)
+  assert np.linalg.norm(g - ref_grads) <= tol_grad * np.linalg.norm(ref_grads)
+
+
+def test_float32_levers_keep_the_model_loss_and_gradients(reference):
+  """remat + fused attention + matmul kernel gradients: the same float32 function, up to the order of
+  summation (each lever alone is checked per block below; one compile here keeps the suite fast)."""
+  _assert_model_close(reference, {'model.remat': True, 'model.attention': 'fused',
+                                  'model.conv_grad': 'matmul'}, 1e-5, 1e-4)
+
+
+def test_bfloat16_keeps_the_model_loss_and_gradients(reference):
+  """bf16 compute with float32 parameters and norm statistics: within bf16 rounding."""
+  _assert_model_close(reference, {'model.dtype': 'bfloat16'}, 2e-2, 5e-2)
+
+
+def _block_output_and_grads(module, params, *inputs):
+  """The block's output, and the gradients (parameters, input) of sum(sin(output)), jitted."""
+  def loss(p, x):
+    y = module.apply(p, x, *inputs[1:]).astype(jnp.float32)
+    return jnp.sum(jnp.sin(y)), y
+  (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, inputs[0])
+  return np.asarray(y, np.float64), flat(grads)
+
+
+def _block_inputs(kind):
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((2, 8, 8, 16)), jnp.float32)
+  if kind == 'res':
+    return x, jnp.asarray(rng.standard_normal((2, 32)), jnp.float32), jnp.asarray(
+        rng.standard_normal((2, 8)), jnp.float32)
+  return (x,)
+
+
+def _block(kind, **levers):
+  if kind == 'res':
+    conv_grad = levers.pop('conv_grad', 'xla')
+    cls = block_cls(layers.ResBlock, levers.pop('remat', False))
+    return cls(24, num_groups=4, dtype=levers.pop('dtype', jnp.float32), conv_grad=conv_grad)
+  cls = block_cls(layers.AttentionBlock, levers.pop('remat', False))
+  return cls(num_heads=2, attention=levers.pop('attention', 'xla'), dtype=levers.pop('dtype', jnp.float32))
+
+
+@pytest.mark.parametrize('kind, levers, tol', [
+    ('res', {'remat': True}, 1e-5),
+    ('attn', {'remat': True}, 1e-5),
+    ('attn', {'attention': 'fused'}, 1e-5),
+    ('res', {'conv_grad': 'matmul'}, 1e-5),
+    ('res', {'dtype': jnp.bfloat16}, 3e-2),
+    ('attn', {'dtype': jnp.bfloat16}, 3e-2),
+], ids=['remat_res', 'remat_attn', 'fused_attn', 'matmul_grad_res', 'bf16_res', 'bf16_attn'])
+def test_each_lever_keeps_a_block(kind, levers, tol):
+  """Per lever and block: same parameters; output and all gradients against the plain float32 block."""
+  inputs = _block_inputs(kind)
+  plain = _block(kind)
+  shapes = jax.eval_shape(plain.init, jax.random.key(0), *inputs)
+  # Random non-zero parameters everywhere (a fresh block's zero output layers would hide the branch).
+  params = bm.random_params(shapes, seed=3)
+  lever = _block(kind, **levers)
+  assert jax.eval_shape(lever.init, jax.random.key(0), *inputs) == shapes
+  y0, g0 = _block_output_and_grads(plain, params, *inputs)
+  y1, g1 = _block_output_and_grads(lever, params, *inputs)
+  assert np.linalg.norm(y1 - y0) <= tol * np.linalg.norm(y0)
+  assert np.linalg.norm(g1 - g0) <= tol * np.linalg.norm(g0)
+
+
+def test_levers_keep_the_parameter_tree():
+  shapes = lambda c: jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(
+      lambda k: state_lib.init_params(c, k), jax.random.key(0)))
+  all_levers = tiny(**{'model.remat': True, 'model.attention': 'fused', 'model.conv_grad': 'matmul',
+                       'model.dtype': 'bfloat16'})
+  assert shapes(all_levers) == shapes(tiny())   # float32 parameters whatever the compute dtype
+
+
+def _numpy_same_conv(x, w):
+  """float64 'same' stride-1 convolution, NHWC x HWIO, by explicit shifted sums."""
+  kh, kw = w.shape[:2]
+  b, h, wd, _ = x.shape
+  xp = np.pad(x, ((0, 0), (kh // 2,) * 2, (kw // 2,) * 2, (0, 0)))
+  return sum(np.einsum('bhwi,io->bhwo', xp[:, i:i + h, j:j + wd], w[i, j]) for i in range(kh) for j in range(kw))
+
+
+@pytest.mark.parametrize('kernel', [3, 1])
+def test_matmul_grad_conv_matches_numpy(kernel):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 6, 5, 4))
+  w = rng.standard_normal((kernel, kernel, 4, 3))
+  dy = rng.standard_normal((2, 6, 5, 3))
+  y, vjp = jax.vjp(layers.same_conv_matmul_grad, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+  dx, dw = vjp(jnp.asarray(dy, jnp.float32))
+  np.testing.assert_allclose(y, _numpy_same_conv(x, w), rtol=1e-5, atol=1e-5)
+  # d<dy, conv(x, w)>/dw[i, j] = sum over pixels of shifted x times dy; d/dx by the adjoint identity.
+  xp = np.pad(x, ((0, 0), (kernel // 2,) * 2, (kernel // 2,) * 2, (0, 0)))
+  dw_ref = np.stack([np.stack([np.einsum('bhwi,bhwo->io', xp[:, i:i + 6, j:j + 5], dy) for j in range(kernel)])
+                     for i in range(kernel)])
+  np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5)
+  probe = rng.standard_normal(x.shape)
+  np.testing.assert_allclose(np.sum(np.asarray(dx) * probe), np.sum(_numpy_same_conv(probe, w) * dy), rtol=1e-5)
+
+
+def test_matmul_grad_conv_falls_back_outside_its_case():
+  x = jnp.ones((1, 6, 6, 2))
+  w = jnp.ones((3, 3, 2, 2))
+  impl = layers.conv_impl('matmul')
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
+  strided = impl(x, w, (2, 2), [(1, 1), (1, 1)], dimension_numbers=dn)
+  np.testing.assert_allclose(strided, jax.lax.conv_general_dilated(x, w, (2, 2), [(1, 1), (1, 1)],
+                                                                   dimension_numbers=dn))
+  with pytest.raises(ValueError, match='conv_grad'):
+    layers.conv_impl('cudnn')
+
+
+def _numpy_attention(q, k, v):
+  logits = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum('bhqk,bkhd->bqhd', p, v)
+
+
+@pytest.mark.parametrize('impl', ['xla', 'fused'])
+def test_attention_matches_numpy(impl):
+  rng = np.random.default_rng(1)
+  q, k, v = (rng.standard_normal((2, 16, 2, 8)) for _ in range(3))
+  out = layers.dot_product_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), impl)
+  np.testing.assert_allclose(out, _numpy_attention(q, k, v), rtol=1e-5, atol=1e-5)
+  out16 = layers.dot_product_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)), impl)
+  np.testing.assert_allclose(np.asarray(out16, np.float32), _numpy_attention(q, k, v), rtol=0, atol=5e-2)
+
+
+def test_fused_attention_picks_cudnn_only_where_it_exists(monkeypatch):
+  assert layers.fused_attention_backend(jnp.bfloat16, 64) is None   # this machine is a CPU
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert layers.fused_attention_backend(jnp.bfloat16, 64) == 'cudnn'
+  assert layers.fused_attention_backend(jnp.float16, 128) == 'cudnn'
+  assert layers.fused_attention_backend(jnp.float32, 64) is None    # cuDNN's kernel is 16-bit only
+  assert layers.fused_attention_backend(jnp.bfloat16, 160) is None  # head_dim over its limit
+  assert layers.fused_attention_backend(jnp.bfloat16, 36) is None   # not a multiple of 8
+
+
+def test_prefetch_feeds_the_same_batches_in_order():
+  """data.prefetch changes when batches reach the device, never which batch a step gets."""
+  host = [{'a': np.full((2, 3), i, np.uint8)} for i in range(3)]
+  for depth in (0, 2):
+    feeder = bm._Feeder(host, depth)
+    try:
+      got = [int(np.asarray(feeder.next()['a'])[0, 0]) for _ in range(5)]
+    finally:
+      feeder.close()
+    assert got == [0, 1, 2, 0, 1], depth
+
+
+def test_generator_is_nhwc_throughout():
+  """NHWC end to end: XLA inserts no layout transposes around the convolutions and norms of the
+  compiled forward pass; the only transposes are attention's heads-first products at low resolution."""
+  import re  # pylint: disable=g-import-not-at-top
+  from idenc_jax import models  # pylint: disable=g-import-not-at-top
+  config = tiny()
+  gen = models.build_generator(config)
+  x, t, z = jnp.zeros((4, 16, 16, 3)), jnp.zeros((4,), jnp.int32), jnp.zeros((4, config.model.embed_dim))
+  params = jax.eval_shape(gen.init, jax.random.key(0), x, t, z)
+  hlo = jax.jit(lambda p, x, t, z: gen.apply(p, x, t, z)).lower(params, x, t, z).compile(FAST_COMPILE).as_text()
+  transposes = [line for line in hlo.splitlines() if re.search(r'= \S+ transpose\(', line)]
+  assert transposes   # the scan below sees the attention ones
+  outside_attention = [line for line in transposes if not re.search(r'op_name="[^"]*_attn/', line)]
+  assert not outside_attention, outside_attention[:3]
+
+
+def test_matmul_grad_lever_reaches_every_convolution():
+  """model.conv_grad='matmul' routes the 3x3 and 1x1 convolutions of a block through the custom
+  gradient (3 here: conv_0, conv_1 and the 1x1 skip), not silently back to lax."""
+  inputs = _block_inputs('res')
+  block = _block('res', conv_grad='matmul')
+  params = bm.random_params(jax.eval_shape(block.init, jax.random.key(0), *inputs))
+  jaxpr = str(jax.make_jaxpr(lambda p: block.apply(p, *inputs))(params))
+  assert jaxpr.count('custom_vjp_call') == 3, jaxpr.count('custom_vjp_call')
+  assert 'custom_vjp_call' not in str(jax.make_jaxpr(lambda p: _block('res').apply(p, *inputs))(params))
