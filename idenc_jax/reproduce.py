@@ -63,7 +63,9 @@ PAPER_TABLE1 = {'DiffAE': (0.135, 118.0, 0.028), 'MyStyle (fine-tuning)': (0.117
 
 def make_config(variant: str, dataset: str, prepared: str | None):
   """The base config with the variant and this run's scale flags applied."""
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
+  configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+  if configs not in sys.path:
+    sys.path.insert(0, configs)
   import base  # pylint: disable=import-outside-toplevel
   c = base.get_config(f'{_BASE.value},{variant}')
   c.seed = _SEED.value
