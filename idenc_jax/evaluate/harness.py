@@ -33,7 +33,8 @@ dlib found a face in the real test images) and on any data where it finds a face
 test images.
 
 `config.eval.sweep` (e.g. 'ddim:10,ddim:25,dpmpp:10,ddpm:1000') repeats generation and metrics for each
-sampler:steps pair: quality against the number of model calls, with the sampling wall time.
+sampler:steps pair: quality against the number of model calls, with the sampling wall time (`sample_seconds`,
+which includes compiling that sampler unless an earlier run already did).
 Outputs: eval/metrics.json (metrics, `sweep`, `settings`), eval/metrics.md, eval/samples.png, and
 TensorBoard scalars under `eval/` in WORKDIR/eval.
 
