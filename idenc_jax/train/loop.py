@@ -245,8 +245,11 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
     prefetcher = DevicePrefetcher(iterator, mesh, config.data.prefetch)
     batch, position = prefetcher.next()
     t0 = time.time()
-    compiled = jitted.lower(state, batch).compile()
-    logging.info('Compiled the train step in %.1f s.', time.time() - t0)
+    lowered = jitted.lower(state, batch)
+    t1 = time.time()
+    compiled = lowered.compile()
+    logging.info('Train step traced in %.1f s, compiled (or read from the compilation cache) in %.1f s.',
+                 t1 - t0, time.time() - t1)
     mem = compiled.memory_analysis()
     if mem is not None:
       logging.info('Step memory per device: arguments %.1f MiB, temporaries %.1f MiB.',

@@ -1,0 +1,155 @@
+"""Kill and resume: a run stopped (cleanly, by SIGKILL or by SIGTERM) and restarted from its workdir ends
+bitwise-identical to an uninterrupted run, and its input pipeline continues with the same batches.
+
+The tiny config with 24 agnostic images (8 per batch: an epoch every 3 steps), checkpoints every 3
+steps, N = 10 steps: stops at steps that are no multiple of the checkpoint interval or of the epoch,
+and the resumed runs cross agnostic epoch boundaries.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from idenc_jax.data import pipeline
+from idenc_jax.train import checkpoint as ckpt_lib
+from idenc_jax.train import loop
+
+import train_testing as tt
+
+N = 10
+OVERRIDES = {'train.num_steps': N, 'train.checkpoint_every': 3, 'train.keep_checkpoints': 10,
+             'data.synthetic_agnostic_images': 24}
+
+
+def config_for(num_steps: int = N):
+  return tt.tiny_config(**dict(OVERRIDES, **{'train.num_steps': num_steps}))
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  return sorted(int(d) for d in os.listdir(ckpt_lib.checkpoint_dir(workdir)) if d.isdigit())
+
+
+def data_state(workdir: str, step: int) -> dict:
+  path = os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step), 'data', 'process_0-of-1.json')
+  with open(path) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  loop.train_and_evaluate(config_for(), workdir)
+  assert checkpoint_steps(workdir) == [3, 6, 9, 10]
+  return workdir
+
+
+def assert_same_final_state(workdir, reference, step=N):
+  got, want = tt.read_state(workdir, step), tt.read_state(reference, step)
+  assert int(got['step']) == int(want['step']) == step
+  for key in ('params', 'ema_params', 'opt_state', 'rng'):
+    tt.assert_trees_equal(got[key], want[key], key)
+  assert data_state(workdir, step) == data_state(reference, step)
+
+
+def test_stop_and_resume_mid_way_is_bitwise_identical(uninterrupted, tmp_path):
+  workdir = str(tmp_path)
+  k = 5   # no multiple of the checkpoint interval (3) or of the agnostic epoch (3 steps)
+  loop.train_and_evaluate(config_for(k), workdir)
+  assert checkpoint_steps(workdir) == [3, 5]
+  loop.train_and_evaluate(config_for(), workdir)   # restarts from the workdir at step 5
+  assert checkpoint_steps(workdir) == [3, 5, 6, 9, 10]
+  for step in (6, 9):
+    assert_same_final_state(workdir, uninterrupted, step)
+  assert_same_final_state(workdir, uninterrupted)
+
+
+def test_restored_pipeline_continues_with_the_same_batches(uninterrupted):
+  config = config_for()
+  for step in (3, 6, 9):
+    # The checkpoint at `step` resumes the pipeline at batch `step`: what a fresh pipeline yields there.
+    position = data_state(uninterrupted, step)
+    restored = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+    restored.set_state(position)
+    fresh = pipeline.make_train_iterator(config, process_index=0, process_count=1)
+    expected = [next(fresh) for _ in range(step + 2)][step:]
+    for want in expected:
+      got = next(restored)
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=f'{key} after step {step}')
+
+
+def test_finished_run_restarts_as_a_no_op(uninterrupted):
+  before = tt.read_state(uninterrupted)
+  state = loop.train_and_evaluate(config_for(), uninterrupted)
+  assert int(state.step) == N and checkpoint_steps(uninterrupted) == [3, 6, 9, 10]
+  tt.assert_trees_equal(jax.device_get(state.params), before['params'])
+
+
+def _start(workdir: str) -> subprocess.Popen:
+  # The subprocess inherits the test environment: 8 CPU devices, as in this process, so it runs the
+  # very same compiled step (and finds it in the compilation cache).
+  args = ['--config=configs/base.py:tiny', f'--workdir={workdir}', *tt.override_flags(**OVERRIDES)]
+  return subprocess.Popen([sys.executable, '-m', 'idenc_jax.main', *args], cwd=tt.REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(process: subprocess.Popen, log: list[str]) -> int:
+  """Reads the log (absl writes it to stderr) until the first 'step S/N' line; returns S."""
+  for line in process.stderr:
+    log.append(line)
+    if '] step ' in line and f'/{N}: loss' in line:
+      return int(line.split('] step ')[1].split('/')[0])
+  process.wait()
+  raise AssertionError(f'no step logged (exit {process.returncode}):\n' + ''.join(log[-30:]))
+
+
+def _finish(process: subprocess.Popen, log: list[str], timeout: float = 300) -> int:
+  log.extend(process.stderr)
+  return process.wait(timeout=timeout)
+
+
+def test_sigkill_then_sigterm_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
+  workdir = str(tmp_path)
+  # 1. Killed hard after step 7: the checkpoint of step 3 is complete (the save at step 6 waited for
+  # it); that of step 6 may be unfinished, and is then ignored.
+  log = []
+  process = _start(workdir)
+  try:
+    killed_after = _wait_for_step(process, log)
+    while killed_after < 7:
+      killed_after = _wait_for_step(process, log)
+    process.kill()
+  finally:
+    _finish(process, log)
+  assert killed_after < N
+  assert checkpoint_steps(workdir)[-1] in (3, 6)
+
+  # 2. Restarted, then preempted (SIGTERM): saves at the step it reached and exits 0. SIGSTOP first,
+  # so the signal surely arrives before the run could finish.
+  log = []
+  process = _start(workdir)
+  try:
+    first = _wait_for_step(process, log)
+    process.send_signal(signal.SIGSTOP)
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGCONT)
+  finally:
+    returncode = _finish(process, log)
+  text = ''.join(log)
+  assert returncode == 0, text[-3000:]
+  preempted = [line for line in log if 'Preempted at step' in line]
+  assert len(preempted) == 1, text[-3000:]
+  stopped = int(preempted[0].split('Preempted at step ')[1].split(':')[0])
+  assert first <= stopped <= first + 1 < N
+  assert checkpoint_steps(workdir)[-1] == stopped
+  assert int(tt.read_state(workdir)['step']) == stopped
+
+  # 3. Restarted to the end (in this process): exactly the uninterrupted run.
+  loop.train_and_evaluate(config_for(), workdir)
+  assert_same_final_state(workdir, uninterrupted)
