@@ -213,6 +213,7 @@ def test_diffusion_loss_overfits_a_handful_of_images():
   diff = np.array([(m['diff_id'] + m['diff_agnostic']) / 2 for m in history])
   assert all(m['finite'] for m in history)
   start, end = diff[:10].mean(), diff[-20:].mean()
+  print(f'diffusion loss over-fitting 16 images: first 10 steps {start:.3f}, last 20 steps {end:.3f}')
   assert start > 0.5
   assert end < 0.5 * start, (start, end)
 
