@@ -75,7 +75,7 @@ def test_two_processes_match_one_process(two_processes, one_process):
 def test_all_processes_checkpoint_only_process_0_writes_logs(two_processes):
   workdir, _ = two_processes
   data = os.path.join(ckpt_lib.checkpoint_dir(workdir), str(STEPS), 'data')
-  assert sorted(n for n in os.listdir(data) if n.endswith('.json')) == ['process_0-of-2.json',
+  assert sorted(n for n in os.listdir(data) if n.startswith('process_')) == ['process_0-of-2.json',
                                                                       'process_1-of-2.json']
   events = [n for n in os.listdir(workdir) if n.startswith('events.out.tfevents')]
   assert len(events) == 1
