@@ -182,6 +182,8 @@ def stage2_loss(params: dict, batch: dict, rng: jax.Array, *, config, generator,
   """
   if cond_encoder is None:
     raise ValueError('stage 2 needs the condition encoder (models.build_condition_encoder)')
+  if 'id_condition' not in batch:
+    raise ValueError("stage-2 batches need 'id_condition' (the input pipeline adds it when config.stage == 2)")
   lc = config.loss
   params = frozen_stage1(config, params)
   x_id = images_to_float(batch['id_images'])

@@ -128,6 +128,27 @@ class Restorer:
     """What the model sees, as uint8 RGB [N, R, R, 3]: the up-sampled low-res image or the grey-hole image."""
     return sampling.to_uint8(np.asarray(conditions)[..., :3])
 
+  def project(self, images: np.ndarray, conditions: np.ndarray) -> np.ndarray:
+    """Data consistency after sampling (an option; the model alone does not do it): the restored images
+    with what the input fixes put back. sr: each factor x factor block's mean replaced by the low-res pixel
+    (x + up(low - down(x)); needs sr_upsample='nearest', whose condition holds the low-res pixels exactly);
+    inpaint: the known pixels copied from the input. uint8 images [N, ..., R, R, 3] (conditions [N, R, R, C],
+    broadcast over the middle axes) -> uint8, same shape."""
+    deg = self.degradation
+    x = degrade_lib.to_float(images)
+    c = np.asarray(conditions, np.float32).reshape((len(conditions),) + (1,) * (x.ndim - 4) + conditions.shape[1:])
+    if deg.task == 'sr':
+      if deg.upsample != 'nearest':
+        raise ValueError("project() recovers the low-res input from nearest-upsampled conditions; "
+                         "config.stage2.sr_upsample must be 'nearest'.")
+      flat = x.reshape((-1,) + x.shape[-3:])
+      cc = np.broadcast_to(c, x.shape[:-1] + (c.shape[-1],)).reshape((-1,) + x.shape[-3:])
+      low = degrade_lib.downsample_area(cc, deg.sr_factor) - degrade_lib.downsample_area(flat, deg.sr_factor)
+      out = (flat + degrade_lib.upsample_nearest(low, deg.sr_factor)).reshape(x.shape)
+    else:
+      out = np.where(c[..., 3:] > 0.5, x, c[..., :3])
+    return sampling.to_uint8(np.clip(out, -1.0, 1.0))
+
   def tokens(self, conditions: np.ndarray) -> np.ndarray:
     c = np.asarray(conditions, np.float32)
     want = (self.resolution, self.resolution, self.degradation.channels)

@@ -164,6 +164,23 @@ def test_leave_one_out_embeddings_match_numpy():
     np.testing.assert_allclose(out[k], ref, atol=1e-6)
 
 
+def test_cross_attention_position_codes():
+  from idenc_jax.models import layers
+  codes = np.asarray(layers.position_codes_2d(4, 2, 10, 2.0))
+  assert codes.shape == (8, 10)
+  f = np.pi * np.geomspace(1.0, 2.0, 2)
+  for i in range(4):
+    for j in range(2):
+      u, v = (i + 0.5) / 4, (j + 0.5) / 2
+      ref = np.stack([np.sin(u * f), np.cos(u * f), np.sin(v * f), np.cos(v * f)], axis=-1).reshape(-1)
+      np.testing.assert_allclose(codes[i * 2 + j], np.concatenate([ref, [0, 0]]), atol=1e-6)
+  # Same frame at every grid size: the centre of a 2x2 block of an 8x8 map is where a 4x4 map's pixel sits,
+  # and the mean code of the block is close to the coarse pixel's code for the low frequencies.
+  fine = np.asarray(layers.position_codes_2d(8, 8, 8, 4.0)).reshape(8, 8, 8)
+  coarse = np.asarray(layers.position_codes_2d(4, 4, 8, 4.0)).reshape(4, 4, 8)
+  np.testing.assert_allclose(fine.reshape(4, 2, 4, 2, 8).mean(axis=(1, 3))[..., :4], coarse[..., :4], atol=0.05)
+
+
 def test_token_resolution_selects_encoder_levels():
   c = get_config('sr')
   assert models.condition_encoder_levels(c) == 4   # 128, 64, 32, 16
@@ -310,3 +327,31 @@ def test_restoration_pixel_metrics_and_baselines():
   hole = cond[..., 3] > 0
   np.testing.assert_array_equal(base[~hole], clean[~hole])
   assert (base[hole] == 128).all()
+
+
+def test_projection_restores_what_the_input_fixes(setup):
+  from idenc_jax import restore
+  config, _, params = setup
+  rng = np.random.default_rng(7)
+  clean = rng.integers(0, 256, (3, R, R, 3), dtype=np.uint8)
+  images = rng.integers(0, 256, (3, 2, R, R, 3), dtype=np.uint8)   # [N, num, ...] "samples"
+  inp = restore.Restorer(config, params, check=False)
+  cond = inp.degrade(clean, seed=1)
+  out = inp.project(images, cond)
+  known = cond[:, None, ..., 3] < 0.5
+  np.testing.assert_array_equal(np.where(known[..., None], clean[:, None], images), out)
+  sr = restore.Restorer(_config('sr'), params, check=False)   # factor 2
+  cond = sr.degrade(clean)
+  out = sr.project(images, cond).astype(np.float64) / 127.5 - 1
+  means = out.reshape(3, 2, R // 2, 2, R // 2, 2, 3).mean(axis=(3, 5))
+  low = clean.astype(np.float64).reshape(3, R // 2, 2, R // 2, 2, 3).mean(axis=(2, 4)) / 127.5 - 1
+  # Block means equal the low-res pixels up to uint8 rounding, except where clipping to [-1, 1] bites.
+  unclipped = (out > -1).all(axis=-1) & (out < 1).all(axis=-1)
+  ok = unclipped.reshape(3, 2, R // 2, 2, R // 2, 2).all(axis=(3, 5))
+  assert ok.mean() > 0.3
+  np.testing.assert_allclose(means[ok], np.broadcast_to(low[:, None], means.shape)[ok], atol=0.5 / 127.5 + 1e-9)
+  # High frequencies (deviations from the block means) are the samples'.
+  x = images.astype(np.float64) / 127.5 - 1
+  dev = lambda a: a - np.repeat(np.repeat(a.reshape(3, 2, R // 2, 2, R // 2, 2, 3).mean(axis=(3, 5)), 2, 2), 2, 3)
+  okp = np.repeat(np.repeat(ok, 2, 2), 2, 3)
+  np.testing.assert_allclose(dev(out)[okp], dev(x)[okp], atol=1 / 127.5 + 1e-9)

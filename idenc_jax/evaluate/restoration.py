@@ -8,6 +8,8 @@ degraded as in training (`data.degrade`; inpainting holes drawn from config.seed
 
 Rows (all compared with the same ground truths and held-out real images):
   restored        the model with the person's references;
+  restored_projected  the same images after `Restorer.project` (data consistency: the low-res block means or
+                  the known pixels of the input put back), a post-processing option, not the paper's method;
   wrong_identity  the same model and conditions with the references of another identity (identity i gets
                   identity (i + 1) mod I's embedding): how much of the result comes from the references;
   baseline        no model: the low-resolution input bicubic-upsampled (sr) or the masked input with a grey
@@ -32,7 +34,7 @@ import numpy as np
 
 from idenc_jax.evaluate import harness
 
-ROWS = ('restored', 'wrong_identity', 'baseline')
+ROWS = ('restored', 'restored_projected', 'wrong_identity', 'baseline')
 TABLE = ('lpips', 'pixel_mse', 'psnr', 'hole_mse', 'oracle_id_accuracy', 'oracle_distance', 'oracle_fd',
          'id_score', 'fd_face', 'fid')
 
@@ -75,7 +77,7 @@ def restoration_truth(eval_set: harness.EvalSet, num: int) -> np.ndarray:
 
 
 def markdown(metrics: dict) -> str:
-  rows = [dict(metrics['rows'][name], run=name) for name in ROWS]
+  rows = [dict(metrics['rows'][name], run=name) for name in ROWS if name in metrics['rows']]
   cols = [c for c in TABLE if any(r.get(c) is not None for r in rows)]
   s = metrics['settings']
   return '\n'.join([f'# Evaluation: {s["task"]} (stage 2)', '', harness.markdown_table(rows, cols), '',
@@ -115,10 +117,12 @@ def evaluate_restoration(config, workdir: str, *, restorer=None, max_identities:
                                                **kw)[:, 0],
       'baseline': baseline_images(deg, conditions),
   }
+  if deg.task == 'inpaint' or deg.upsample == 'nearest':
+    images['restored_projected'] = restorer.project(images['restored'], conditions)
   sample_seconds = time.time() - t0
   evaluator = harness.Evaluator(config, eval_set)
   rows = {}
-  for name in ROWS:
+  for name in [r for r in ROWS if r in images]:
     m = evaluator.metrics(images[name].reshape(truth.shape), ground_truth=truth)
     m.update(pixel_metrics(images[name], flat_truth, holes))
     rows[name] = m

@@ -197,11 +197,33 @@ def dot_product_attention(q, k, v, impl: str):
   return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
 
 
+def position_codes_2d(height: int, width: int, dim: int, max_frequency: float) -> jax.Array:
+  """Fixed 2D position codes [height*width, dim] of normalised pixel centres (u, v) in (0, 1).
+
+  Channels 4j..4j+3 hold sin(w_j u), cos(w_j u), sin(w_j v), cos(w_j v), with w_j = pi * f_j and f_j
+  geometric from 1 to max_frequency (cycles per image side); channels beyond 4 * (dim // 4) are zero. Grids
+  of different sizes share the frame, so a position gets the same code in a 16x16 and an 8x8 map.
+  """
+  n = dim // 4
+  if n == 0:
+    return jnp.zeros((height * width, dim), jnp.float32)
+  f = jnp.pi * jnp.geomspace(1.0, max(max_frequency, 1.0), n)
+  u = (jnp.arange(height, dtype=jnp.float32) + 0.5) / height
+  v = (jnp.arange(width, dtype=jnp.float32) + 0.5) / width
+  uu, vv = jnp.meshgrid(u, v, indexing='ij')
+  au, av = uu.reshape(-1, 1) * f, vv.reshape(-1, 1) * f
+  codes = jnp.stack([jnp.sin(au), jnp.cos(au), jnp.sin(av), jnp.cos(av)], axis=-1).reshape(height * width, 4 * n)
+  return jnp.pad(codes, ((0, 0), (0, dim - 4 * n)))
+
+
 class AttentionBlock(nn.Module):
   """Self-attention over spatial positions, written as a pre-norm Vision Transformer block.
 
   x + Attn(LN(x)), then + MLP(LN(.)). Output projections start at zero (identity at init).
-  With `context` given it is a cross-attention block: queries from x, keys/values from context tokens.
+  With `context` given it is a cross-attention block: queries from x, keys/values from context tokens,
+  which form a square map (the condition encoder's final feature map). Queries and keys then get
+  `position_codes_2d` of their places in the image (frequencies up to half the smaller map's side), so a
+  generator position can attend to the same place of the condition; values carry no codes.
   """
   num_heads: int
   mlp_ratio: int = 4
@@ -220,9 +242,17 @@ class AttentionBlock(nn.Module):
 
     h = nn.LayerNorm(dtype=self.dtype, name='ln_attn')(tokens)
     dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=name)
-    q = dense('query')(h)
-    kv_in = h if context is None else context.astype(self.dtype)
-    k, v = dense('key')(kv_in), dense('value')(kv_in)
+    if context is None:
+      q, k, v = dense('query')(h), dense('key')(h), dense('value')(h)
+    else:
+      side = math.isqrt(context.shape[1])
+      if side * side != context.shape[1]:
+        raise ValueError(f'cross-attention context must be a square token map, got {context.shape[1]} tokens')
+      max_freq = min(hh, ww, side) / 2
+      ctx = context.astype(self.dtype)
+      q = dense('query')(h + position_codes_2d(hh, ww, c, max_freq).astype(self.dtype))
+      k = dense('key')(ctx + position_codes_2d(side, side, ctx.shape[-1], max_freq).astype(self.dtype))
+      v = dense('value')(ctx)
     a = dot_product_attention(q, k, v, self.attention)
     a = nn.DenseGeneral(c, axis=(-2, -1), dtype=self.dtype, kernel_init=zeros_init, name='out')(a)
     tokens = tokens + nn.Dropout(self.dropout, deterministic=self.deterministic)(a)
