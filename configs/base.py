@@ -44,6 +44,9 @@ def _paper_config() -> config_dict.ConfigDict:
   m.dtype = 'float32'          # compute dtype; parameters always stay float32
   m.remat = False              # rematerialise each residual/attention block in the backward pass
   m.attention = 'xla'          # 'xla' (einsum softmax) or 'fused' (jax.nn.dot_product_attention)
+  # Convolution kernel gradients: 'xla' (XLA's own) or 'matmul' (one matmul per kernel tap; XLA:CPU runs
+  # its kernel-gradient convolutions far below matmul speed). Same function, different schedule.
+  m.conv_grad = 'xla'
 
   # ---- Identity encoder Enc (paper appendix A). ----------------------------------------------------------
   c.encoder = e = config_dict.ConfigDict()

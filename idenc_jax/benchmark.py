@@ -3,8 +3,9 @@
   python -m idenc_jax.benchmark --config=configs/base.py:cpu --variants=fp32,bf16,bf16+remat,bf16+fused
 
 prints a short table and, as its last line, one JSON object with train_images_per_s, train_step_ms
-(median over timed steps after warm-up, each synchronised with block_until_ready), compile_s,
-peak_memory_bytes, flops_per_image_xla (XLA's cost analysis of the compiled step / batch),
+(median, or with --statistic=min the minimum, over timed steps after warm-up, each synchronised
+with block_until_ready), compile_s, peak_memory_bytes, flops_per_image_xla (XLA's cost analysis
+of the compiled step / batch),
 flops_per_image_analytic (`idenc_jax.flops`), peak_flops (--peak_flops, else a large matmul in the
 compute dtype on the same device), mfu (analytic FLOPs x images/s / peak), sample_step_ms (one
 generator forward at --sample_batch) and device. With several variants the object also holds
@@ -289,9 +290,10 @@ def fixed_batch_loss_and_grads(config, seed: int = 0, step: int | None = None,
   return float(loss), jax.device_get(metrics), jax.device_get(grads)
 
 
-def fixed_batch_loss(config, seed: int = 0, step: int | None = None) -> dict[str, float]:
+def fixed_batch_loss(config, seed: int = 0, step: int | None = None,
+                     compiler_options: dict | None = None) -> dict[str, float]:
   """Loss, gradient norm and identity diffusion term of `fixed_batch_loss_and_grads`."""
-  loss, metrics, grads = fixed_batch_loss_and_grads(config, seed, step)
+  loss, metrics, grads = fixed_batch_loss_and_grads(config, seed, step, compiler_options)
   import jax  # pylint: disable=g-import-not-at-top
   grad_norm = float(np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in jax.tree.leaves(grads))))
   return {'loss': loss, 'grad_norm': grad_norm, 'diff_id': float(metrics.get('diff_id', loss))}
@@ -350,6 +352,9 @@ def _cost_flops(stage) -> float | None:
   return float(cost['flops'])
 
 
+_STATISTICS = {'median': np.median, 'min': np.min}
+
+
 def _median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
   import jax  # pylint: disable=g-import-not-at-top
   for _ in range(warmup):
@@ -362,8 +367,8 @@ def _median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
   return float(np.median(times))
 
 
-def measure_peak_flops(dtype_name: str, size: int | None = None, repeats: int = 5) -> float:
-  """FLOP/s of a size^3 matmul of random data in `dtype_name` on the default device (median)."""
+def matmul_probe(dtype_name: str, size: int | None = None) -> tuple[Callable[[], Any], float]:
+  """(a call of a size^3 matmul of random data in `dtype_name` on the default device, its FLOPs)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   if size is None:
@@ -373,8 +378,22 @@ def measure_peak_flops(dtype_name: str, size: int | None = None, repeats: int = 
   a = jax.random.normal(keys[0], (size, size), jnp.float32).astype(dtype)
   b = jax.random.normal(keys[1], (size, size), jnp.float32).astype(dtype)
   mm = jax.jit(lambda x, y: x @ y)
-  seconds = _median_time(lambda: mm(a, b), repeats, warmup=2)
-  return 2.0 * size ** 3 / seconds
+  return (lambda: mm(a, b)), 2.0 * size ** 3
+
+
+def measure_peak_flops(dtype_name: str, size: int | None = None, repeats: int = 5,
+                       statistic: str = 'median') -> float:
+  """FLOP/s of a size^3 matmul of random data in `dtype_name` on the default device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  call, flops = matmul_probe(dtype_name, size)
+  for _ in range(2):
+    jax.block_until_ready(call())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    times.append(time.perf_counter() - t0)
+  return flops / float(_STATISTICS[statistic](times))
 
 
 def device_name() -> str:
@@ -471,10 +490,16 @@ class TrainBench:
     self.compiled = lowered.compile(compiler_options)
     self.record['compile_s'] = time.perf_counter() - t0
     log(f'compiled in {self.record["compile_s"]:.1f} s')
-    flops, source = _cost_flops(self.compiled), 'compiled'
-    if not flops:   # e.g. a backend whose compiled module hides convolutions in library calls
-      flops, source = _cost_flops(lowered), 'lowered'
-    self.record.update(flops_per_image_xla=flops / b if flops else None, flops_source=source,
+    # The compiled module's count, unless the backend hides work in library calls it cannot cost
+    # (e.g. convolutions as cuDNN custom calls): then the unoptimised module's.
+    compiled_flops, lowered_flops = _cost_flops(self.compiled), _cost_flops(lowered)
+    flops, source = compiled_flops, 'compiled'
+    if lowered_flops and not (compiled_flops and 0.5 < compiled_flops / lowered_flops < 2.0):
+      flops, source = lowered_flops, 'lowered'
+    per_image = lambda f: f / b if f else None
+    self.record.update(flops_per_image_xla=per_image(flops), flops_source=source,
+                       flops_per_image_xla_compiled=per_image(compiled_flops),
+                       flops_per_image_xla_lowered=per_image(lowered_flops),
                        flops_per_image_analytic=analytic_flops_per_image(config))
     self.feeder = _Feeder(self.host_batches, int(config.data.prefetch))
     self.times: list[float] = []
@@ -491,7 +516,7 @@ class TrainBench:
       self.times.append(seconds)
     return seconds
 
-  def finish(self, sample_batch: int = 0, sample_repeats: int = 5) -> dict[str, Any]:
+  def finish(self, sample_batch: int = 0, sample_repeats: int = 5, statistic: str = 'median') -> dict[str, Any]:
     """Closes the feeder, times the sampling step if asked, and returns the record (without MFU)."""
     import jax  # pylint: disable=g-import-not-at-top
     self.feeder.close()
@@ -500,9 +525,10 @@ class TrainBench:
       raise ValueError('no timed steps were run')
     metrics = jax.device_get(self.metrics)
     r['loss'], r['finite'] = float(metrics['loss']), bool(metrics['finite'])
-    step_s = float(np.median(self.times))
-    r.update(train_step_ms=1e3 * step_s, train_step_ms_min=1e3 * float(np.min(self.times)),
-             train_images_per_s=b / step_s, timed_steps=len(self.times))
+    step_s = float(_STATISTICS[statistic](self.times))
+    r.update(train_step_ms=1e3 * step_s, train_step_ms_median=1e3 * float(np.median(self.times)),
+             train_step_ms_min=1e3 * float(np.min(self.times)), train_images_per_s=b / step_s,
+             timed_steps=len(self.times), statistic=statistic)
     # The device's high-water mark covers the whole process: it is this variant's only when nothing
     # else ran before it here; otherwise the compiled executable's own footprint stands in.
     r['device_peak_bytes_in_use'], r['compiled_memory_bytes'] = _memory(self.compiled)
@@ -533,17 +559,18 @@ def add_mfu(record: dict, peak_flops: float, source: str, matmul_flops: float | 
 def run_variant(config, *, steps: int = 5, warmup: int = 2, sample_batch: int = 0,
                 peak_flops: float | None = None, peak_matmul_size: int | None = None,
                 measure_matmul: bool = False, log: Callable[[str], None] = lambda s: None,
-                compiler_options: dict | None = None, first_in_process: bool = True) -> dict[str, Any]:
+                compiler_options: dict | None = None, first_in_process: bool = True,
+                statistic: str = 'median') -> dict[str, Any]:
   """Measures the train step (and optionally the sampling step) of `config` on the default device."""
   if steps < 1 or warmup < 0:
     raise ValueError(f'need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}.')
   bench = TrainBench(config, log, compiler_options, first_in_process)
   for i in range(warmup + steps):
     bench.step(timed=i >= warmup)
-  record = bench.finish(sample_batch, max(steps, 3))
+  record = bench.finish(sample_batch, max(steps, 3), statistic)
   measured = None
   if measure_matmul or not peak_flops:
-    measured = measure_peak_flops(config.model.dtype, peak_matmul_size)
+    measured = measure_peak_flops(config.model.dtype, peak_matmul_size, statistic=statistic)
   if not peak_flops:
     return add_mfu(record, measured, 'measured')
   return add_mfu(record, peak_flops, 'flag', measured)
@@ -551,24 +578,37 @@ def run_variant(config, *, steps: int = 5, warmup: int = 2, sample_batch: int = 
 
 def run_interleaved(configs: dict[str, Any], *, steps: int = 5, warmup: int = 2, sample_batch: int = 0,
                     peak_flops: float | None = None, peak_matmul_size: int | None = None,
-                    log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
-  """All variants compiled first, then timed in turns (A B C A B C ...), so that a shared machine's
-  changing load affects every variant alike and their ratios stay fair."""
+                    statistic: str = 'median', log: Callable[[str], None] = lambda s: None,
+                    compiler_options: dict | None = None) -> list[dict[str, Any]]:
+  """All variants compiled first, then timed in turns (A B C A B C ...), each round also timing the
+  peak matmul of every compute dtype, so that a shared machine's changing load affects every
+  variant and the peak alike; their ratios (and MFU) stay fair. The sampling step is timed for the
+  first variant only."""
+  import jax  # pylint: disable=g-import-not-at-top
   if steps < 1 or warmup < 0:
     raise ValueError(f'need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}.')
   benches = {}
   for name, config in configs.items():
-    benches[name] = TrainBench(config, lambda s, n=name: log(f'{n}: {s}'),
+    benches[name] = TrainBench(config, lambda s, n=name: log(f'{n}: {s}'), compiler_options,
                                first_in_process=len(configs) == 1)
+  probes = {} if peak_flops else {
+      c.model.dtype: matmul_probe(c.model.dtype, peak_matmul_size) for c in configs.values()}
+  probe_times = {dtype: [] for dtype in probes}
   for i in range(warmup + steps):
     for bench in benches.values():
       bench.step(timed=i >= warmup)
-  records, peaks = [], {}
-  for name, bench in benches.items():
-    record = {'variant': name, **bench.finish(sample_batch, max(steps, 3))}
+    for dtype, (call, _) in probes.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(call())
+      if i >= warmup:
+        probe_times[dtype].append(time.perf_counter() - t0)
+    log(f'round {i + 1}/{warmup + steps} done')
+  peaks = {dtype: flops / float(_STATISTICS[statistic](probe_times[dtype]))
+           for dtype, (_, flops) in probes.items()}
+  records = []
+  for index, (name, bench) in enumerate(benches.items()):
+    record = {'variant': name, **bench.finish(sample_batch if index == 0 else 0, max(steps, 3), statistic)}
     dtype = configs[name].model.dtype
-    if not peak_flops and dtype not in peaks:
-      peaks[dtype] = measure_peak_flops(dtype, peak_matmul_size)
     records.append(add_mfu(record, peak_flops or peaks[dtype], 'flag' if peak_flops else 'measured'))
   return records
 
@@ -579,35 +619,39 @@ def run_interleaved(configs: dict[str, Any], *, steps: int = 5, warmup: int = 2,
 CHECK_TOLERANCES = {'float32': (1e-4, 1e-3), 'bfloat16': (2e-2, 5e-2)}   # relative: (loss, grad norm)
 
 
-def reference_values(config) -> dict[str, float]:
+def reference_values(config, compiler_options: dict | None = None) -> dict[str, float]:
   """`fixed_batch_loss` in float32 at the highest matmul/conv precision (no TF32 on GPUs)."""
   import jax  # pylint: disable=g-import-not-at-top
-  previous = jax.config.jax_default_matmul_precision
+  previous = getattr(jax.config, 'jax_default_matmul_precision', None)
   jax.config.update('jax_default_matmul_precision', 'highest')
   try:
-    return fixed_batch_loss(config)
+    return fixed_batch_loss(config, compiler_options=compiler_options)
   finally:
     jax.config.update('jax_default_matmul_precision', previous)
 
 
-def cpu_reference_process(config_spec: str, overrides: dict[str, Any], out_path: str) -> subprocess.Popen:
+def cpu_reference_process(config_spec: str, overrides: dict[str, Any], out_path: str,
+                          fast_compile: bool = False) -> subprocess.Popen:
   """Starts the float32 reference of `config_spec` on the CPU in a subprocess (runs beside the device)."""
   cmd = [sys.executable, '-m', 'idenc_jax.benchmark', f'--config={config_spec}', '--reference',
-         f'--json_out={out_path}'] + [f'--config.{k}={v}' for k, v in overrides.items()]
+         f'--json_out={out_path}'] + ['--fast_compile'] * fast_compile + [
+             f'--config.{k}={v}' for k, v in overrides.items()]
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get('PYTHONPATH')])))
   env.pop('XLA_FLAGS', None)
   return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def train_steps_finite(config, steps: int = 3) -> dict[str, Any]:
+def train_steps_finite(config, steps: int = 3, compiler_options: dict | None = None) -> dict[str, Any]:
   """`steps` train steps from a real initialisation on synthetic batches: losses and the step counter."""
   import jax  # pylint: disable=g-import-not-at-top
   from idenc_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from idenc_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   state = jax.jit(lambda k: state_lib.create_train_state(config, k))(jax.random.key(config.seed))
   optimizer = state_lib.make_optimizer(config, state.params)
-  step = jax.jit(step_lib.make_train_step(config, optimizer), donate_argnums=(0,))
+  batch = synthetic_batch(config)
+  step = jax.jit(step_lib.make_train_step(config, optimizer), donate_argnums=(0,)).lower(
+      state, batch).compile(compiler_options)
   losses_seen = []
   for i in range(steps):
     state, metrics = step(state, synthetic_batch(config, seed=i))
@@ -617,20 +661,23 @@ def train_steps_finite(config, steps: int = 3) -> dict[str, Any]:
 
 
 def run_check(config_spec: str, overrides: dict[str, Any], variants: list[str], steps: int = 3,
-              log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+              log: Callable[[str], None] = lambda s: None, fast_compile: bool = False) -> dict[str, Any]:
   """The device's fixed-batch loss and gradient norm per variant against the CPU's float32 values
   (within the variant dtype's CHECK_TOLERANCES), plus `steps` finite train steps of the first variant."""
   with tempfile.TemporaryDirectory() as tmp:
     ref_path = os.path.join(tmp, 'reference.json')
-    proc = cpu_reference_process(config_spec, overrides, ref_path)
+    proc = cpu_reference_process(config_spec, overrides, ref_path, fast_compile)
+    options = FAST_COMPILE if fast_compile else None
     result: dict[str, Any] = {'device': device_name(), 'config': config_spec, 'variants': {}}
     for index, v in enumerate(variants):
       config = load_config(config_spec, {**overrides, **variant_overrides(v)})
       rec: dict[str, Any] = {}
+      log(f'check {v}: started')
       try:
-        rec.update(reference_values(config) if config.model.dtype == 'float32' else fixed_batch_loss(config))
+        rec.update(reference_values(config, options) if config.model.dtype == 'float32'
+                   else fixed_batch_loss(config, compiler_options=options))
         if index == 0:
-          rec['train_steps'] = train_steps_finite(config, steps)
+          rec['train_steps'] = train_steps_finite(config, steps, options)
       except Exception as e:  # pylint: disable=broad-except  (report, go on with the next variant)
         rec['error'] = f'{type(e).__name__}: {e}'
       result['variants'][v] = rec
@@ -710,7 +757,9 @@ def _parse_args(argv):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--config', default='configs/base.py:cpu', help='path[:variant], e.g. configs/base.py:paper')
   p.add_argument('--variants', default='', help="comma-separated variants, e.g. 'fp32,bf16,bf16+remat'")
-  p.add_argument('--steps', type=int, default=5, help='timed train steps (median reported)')
+  p.add_argument('--steps', type=int, default=5, help='timed train steps')
+  p.add_argument('--statistic', choices=tuple(_STATISTICS), default='median',
+                 help='of the timed steps (and matmuls): median, or min on a machine shared with other load')
   p.add_argument('--warmup', type=int, default=2, help='untimed train steps after compilation')
   p.add_argument('--sample_batch', type=int, default=0, help='batch of the sampling-step timing (0: skip)')
   p.add_argument('--peak_flops', type=float, default=0.0, help='peak FLOP/s for MFU (0: measure a matmul)')
@@ -755,7 +804,8 @@ def _run_in_process(args, overrides, variant: str, sample_batch: int, first: boo
   rec = run_variant(config, steps=args.steps, warmup=args.warmup, sample_batch=sample_batch,
                     peak_flops=args.peak_flops or None, peak_matmul_size=args.peak_matmul_size or None,
                     measure_matmul=args.measure_matmul, log=lambda s: _log(f'{variant}: {s}'),
-                    compiler_options=FAST_COMPILE if args.fast_compile else None, first_in_process=first)
+                    compiler_options=FAST_COMPILE if args.fast_compile else None, first_in_process=first,
+                    statistic=args.statistic)
   return {'variant': variant, **rec}
 
 
@@ -765,7 +815,8 @@ def _run_isolated(args, overrides, variant: str, peak: float | None, timeout: fl
     out_path = os.path.join(tmp, 'record.json')
     cmd = [sys.executable, '-m', 'idenc_jax.benchmark', f'--config={args.config}', f'--variants={variant}',
            f'--steps={args.steps}', f'--warmup={args.warmup}', f'--sample_batch={sample_batch}',
-           f'--peak_matmul_size={args.peak_matmul_size}', '--isolate=no', f'--json_out={out_path}']
+           f'--peak_matmul_size={args.peak_matmul_size}', '--isolate=no', f'--json_out={out_path}',
+           f'--statistic={args.statistic}']
     if peak:
       cmd.append(f'--peak_flops={peak}')
     cmd += ['--measure_matmul'] * args.measure_matmul + ['--fast_compile'] * args.fast_compile
@@ -793,10 +844,12 @@ def main(argv=None) -> dict:
     load_config(args.config, {**overrides, **variant_overrides(v)})
   if args.reference or args.check:
     if args.reference:
-      result = reference_values(load_config(args.config, overrides))
+      result = reference_values(load_config(args.config, overrides),
+                                FAST_COMPILE if args.fast_compile else None)
       print(json.dumps(result))
     else:
-      result = run_check(args.config, overrides, variants, steps=max(args.steps, 1), log=_log)
+      result = run_check(args.config, overrides, variants, steps=max(args.steps, 1), log=_log,
+                         fast_compile=args.fast_compile)
       print(format_check(result))
       print(json.dumps(result), flush=True)
     if args.json_out:
@@ -812,7 +865,8 @@ def main(argv=None) -> dict:
                for v in variants}
     records = run_interleaved(configs, steps=args.steps, warmup=args.warmup, sample_batch=args.sample_batch,
                               peak_flops=args.peak_flops or None,
-                              peak_matmul_size=args.peak_matmul_size or None, log=_log)
+                              peak_matmul_size=args.peak_matmul_size or None, statistic=args.statistic,
+                              log=_log, compiler_options=FAST_COMPILE if args.fast_compile else None)
     variants = []
     if args.records_out:
       with open(args.records_out, 'a') as f:

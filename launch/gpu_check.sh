@@ -34,12 +34,12 @@ fi
 
 if [ "${IDENC_GPU_CHECK_CPU:-0}" = 1 ]; then
   BENCH_CONFIG=configs/base.py:tiny; BATCH=16; SAMPLE=8; STEPS=2; WARMUP=1; PEAK=""
-  VARIANTS=bf16,fp32+mmgrad
-  BUDGET=${IDENC_GPU_CHECK_BUDGET:-900}; CHECK_TIMEOUT=600
+  VARIANTS=bf16,fp32+mmgrad; FAST=--fast_compile   # compile at -O0: the dry run checks the plumbing
+  BUDGET=${IDENC_GPU_CHECK_BUDGET:-2400}; CHECK_TIMEOUT=1500
 else
   BENCH_CONFIG=configs/base.py:paper; BATCH=128; SAMPLE=128; STEPS=5; WARMUP=3
   PEAK=--peak_flops=989.4e12   # H100/H200 SXM dense bf16 datasheet; the measured matmul is recorded too
-  VARIANTS=bf16,bf16+fused,fp32,bf16+remat,bf16+remat+b256
+  VARIANTS=bf16,bf16+fused,fp32,bf16+remat,bf16+remat+b256; FAST=""
   BUDGET=${IDENC_GPU_CHECK_BUDGET:-390}; CHECK_TIMEOUT=150
 fi
 
@@ -54,8 +54,8 @@ cat "$OUT/env.txt"
 
 echo "== (a) correctness, tiny config ($(elapsed) s)"
 timeout "$CHECK_TIMEOUT" $PY -m idenc_jax.benchmark --check --config=configs/base.py:tiny \
-  --variants=bf16,fp32,bf16+fused --steps=3 --json_out="$OUT/check.json" 2>>"$LOG"
-CHECK_RC=$?
+  --variants=bf16,fp32,bf16+fused --steps=3 $FAST --json_out="$OUT/check.json" 2>>"$LOG" | grep -v '^{'
+CHECK_RC=${PIPESTATUS[0]}
 [ $CHECK_RC = 0 ] || echo "correctness check exited with $CHECK_RC (see log.txt)"
 
 echo "== (b) speed, $BENCH_CONFIG batch $BATCH ($(elapsed) s)"
@@ -67,7 +67,7 @@ REMAINING=$(( BUDGET - $(elapsed) ))
 # ends a hang.
 timeout $(( REMAINING + 20 )) $PY -m idenc_jax.benchmark --config="$BENCH_CONFIG" \
   --config.train.batch_size=$BATCH --variants="$VARIANTS" --steps=$STEPS --warmup=$WARMUP \
-  --sample_batch=$SAMPLE --sample_first_only $PEAK --measure_matmul --isolate=no \
+  --sample_batch=$SAMPLE --sample_first_only $PEAK --measure_matmul --isolate=no $FAST \
   --deadline=$(( REMAINING - 10 )) --records_out="$OUT/bench.jsonl" --json_out="$OUT/bench.json" \
   2>>"$LOG" | tee "$OUT/table.txt" | grep -v '^{'
 BENCH_RC=${PIPESTATUS[0]}

@@ -144,7 +144,7 @@ def test_matmul_grad_conv_matches_numpy(kernel):
 def test_matmul_grad_conv_falls_back_outside_its_case():
   x = jnp.ones((1, 6, 6, 2))
   w = jnp.ones((3, 3, 2, 2))
-  impl = layers.conv_impl('matmul')
+  impl = layers.conv_impl('matmul')['conv_general_dilated']
   dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
   strided = impl(x, w, (2, 2), [(1, 1), (1, 1)], dimension_numbers=dn)
   np.testing.assert_allclose(strided, jax.lax.conv_general_dilated(x, w, (2, 2), [(1, 1), (1, 1)],

@@ -21,7 +21,8 @@ def build_generator(config) -> UNet:
       resolution=m.resolution, base_channels=m.base_channels, channel_mult=tuple(m.channel_mult),
       num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
       num_heads=m.num_heads, embed_dim=m.embed_dim, num_groups=m.num_groups, mlp_ratio=m.mlp_ratio,
-      dropout=m.dropout, attention=m.attention, remat=m.remat, dtype=compute_dtype(config),
+      dropout=m.dropout, attention=m.attention, remat=m.remat, conv_grad=m.conv_grad,
+      dtype=compute_dtype(config),
       cross_attn_resolutions=tuple(config.stage2.cross_attn_resolutions) if config.stage == 2 else ())
 
 
@@ -31,7 +32,8 @@ def build_encoder(config) -> IdentityEncoder:
       base_channels=e.base_channels, channel_mult=tuple(e.channel_mult),
       num_res_blocks=e.num_res_blocks, attn_resolutions=tuple(e.attn_resolutions),
       num_heads=e.num_heads, embed_dim=m.embed_dim, num_groups=m.num_groups, mlp_ratio=m.mlp_ratio,
-      attention=m.attention, remat=m.remat, dtype=compute_dtype(config))
+      attention=m.attention, remat=m.remat, conv_grad=m.conv_grad,
+      dtype=compute_dtype(config))
 
 
 def condition_encoder_levels(config) -> int:
@@ -54,7 +56,8 @@ def build_condition_encoder(config) -> ConditionEncoder:
       base_channels=e.base_channels, channel_mult=tuple(e.channel_mult)[:condition_encoder_levels(config)],
       num_res_blocks=e.num_res_blocks, attn_resolutions=tuple(e.attn_resolutions),
       num_heads=e.num_heads, token_dim=config.stage2.token_dim, num_groups=m.num_groups,
-      mlp_ratio=m.mlp_ratio, attention=m.attention, remat=m.remat, dtype=compute_dtype(config))
+      mlp_ratio=m.mlp_ratio, attention=m.attention, remat=m.remat, conv_grad=m.conv_grad,
+      dtype=compute_dtype(config))
 
 
 __all__ = ['UNet', 'IdentityEncoder', 'ConditionEncoder', 'build_generator', 'build_encoder',

@@ -100,19 +100,18 @@ def _conv_with_matmul_grad(lhs, rhs, window_strides, padding, lhs_dilation=None,
   return same_conv_matmul_grad(lhs, rhs)
 
 
-def conv_impl(conv_grad: str):
-  """The convolution nn.Conv calls for `model.conv_grad` ('xla' or 'matmul')."""
+def conv_impl(conv_grad: str) -> dict:
+  """nn.Conv keyword arguments for `model.conv_grad` ('xla': none, nn.Conv's own lax convolution)."""
   if conv_grad == 'xla':
-    return None   # nn.Conv's default, lax.conv_general_dilated
+    return {}
   if conv_grad == 'matmul':
-    return _conv_with_matmul_grad
+    return {'conv_general_dilated': _conv_with_matmul_grad}
   raise ValueError(f"model.conv_grad must be 'xla' or 'matmul', got {conv_grad!r}")
 
 
 def conv3x3(features, dtype, name, zero=False, conv_grad='xla'):
   return nn.Conv(features, (3, 3), padding=1, dtype=dtype, name=name,
-                 kernel_init=zeros_init if zero else nn.initializers.lecun_normal(),
-                 conv_general_dilated=conv_impl(conv_grad))
+                 kernel_init=zeros_init if zero else nn.initializers.lecun_normal(), **conv_impl(conv_grad))
 
 
 def group_norm(num_groups, dtype, name):
@@ -168,8 +167,7 @@ class ResBlock(nn.Module):
     h = conv3x3(c_out, self.dtype, 'conv_1', zero=True, conv_grad=self.conv_grad)(h)
 
     if x.shape[-1] != c_out:
-      x = nn.Conv(c_out, (1, 1), dtype=self.dtype, name='skip',
-                  conv_general_dilated=conv_impl(self.conv_grad))(x)
+      x = nn.Conv(c_out, (1, 1), dtype=self.dtype, name='skip', **conv_impl(self.conv_grad))(x)
     return x + h
 
 

@@ -143,7 +143,8 @@ def initial_state(config, mesh, checkpointer, data_position):
   `config.init_from` overwrites those an earlier stage provides.
   """
   rng = jax.random.key(config.seed)
-  abstract = jax.eval_shape(lambda r: state_lib.create_train_state(config, r), rng)
+  create = lambda r: state_lib.create_train_state(config, r)  # one function: traced once, below
+  abstract = jax.eval_shape(create, rng)
   shardings = sharding_lib.state_shardings(abstract, mesh)
   latest = checkpointer.latest_step()
   if latest is not None:
@@ -152,7 +153,7 @@ def initial_state(config, mesh, checkpointer, data_position):
                                     abstract, shardings)
     return checkpointer.restore(latest, abstract_sharded, data_position), shardings
 
-  state = jax.jit(lambda r: state_lib.create_train_state(config, r), out_shardings=shardings)(rng)
+  state = jax.jit(create, out_shardings=shardings)(rng)
   if config.init_from:
     state = _init_from_earlier_stage(config, state)
   return state, shardings
