@@ -189,7 +189,7 @@ def test_sample_grid_shows_held_out_references_beside_samples(short_run):
 # ---------------------------------------------------------------------------------------------------------
 # Over-fitting: one fixed batch of 16 images (8 of 2 identities, 8 agnostic), one device.
 # ---------------------------------------------------------------------------------------------------------
-OVERFIT_STEPS = 150
+OVERFIT_STEPS = 60
 
 
 def test_diffusion_loss_overfits_a_handful_of_images():
