@@ -43,9 +43,10 @@ def test_paper_model_shapes_and_reference_size():
   assert _count(gp['params']) - _count(gp0['params']) == mlp_params
 
 
-def test_cpu_config_is_a_few_million_parameters():
+def test_cpu_config_is_small_enough_for_a_cpu():
+  # About 0.8M parameters: sized so that its 2,000 training steps take ~13 minutes on 2 cores.
   gen, enc, gp, ep = _abstract_params(get_config('cpu'))
-  assert 1e6 < _count(gp) + _count(ep) < 6e6
+  assert 0.5e6 < _count(gp) + _count(ep) < 6e6
 
 
 @pytest.fixture(scope='module')

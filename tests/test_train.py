@@ -1,7 +1,7 @@
 """The training loop end to end (tiny config, in-process on 8 simulated devices unless noted):
 a NaN stops the run and keeps the last good checkpoint; stage 0 -> stage 1 initialisation copies the
 generator exactly; TensorBoard metrics, config.json and sample grids are written; the diffusion loss
-over-fits a handful of images; main.py rejects misspelt config fields and missing modes clearly.
+over-fits a handful of images and the EMA follows its warm-up; main.py rejects misspelt config fields and missing modes clearly.
 """
 
 import json
@@ -192,7 +192,7 @@ def test_sample_grid_shows_held_out_references_beside_samples(short_run):
 OVERFIT_STEPS = 60
 
 
-def test_diffusion_loss_overfits_a_handful_of_images():
+def test_diffusion_loss_overfits_a_handful_of_images_and_ema_warms_up():
   config = tt.tiny_config()
   batch = next(pipeline.make_train_iterator(config, process_index=0, process_count=1))
   mesh = sharding_lib.make_mesh(tt.tiny_config(**{'mesh.data': 1}), jax.devices()[:1])
@@ -205,11 +205,22 @@ def test_diffusion_loss_overfits_a_handful_of_images():
                  in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
   batch = sharding_lib.global_batch(batch, mesh)
-  history = []
-  for _ in range(OVERFIT_STEPS):
+  history, params_seen, ema_seen = [], [jax.device_get(state.params)], [jax.device_get(state.ema_params)]
+  for i in range(OVERFIT_STEPS):
     state, metrics = step(state, batch)
     history.append(metrics)
+    if i < 3:
+      params_seen.append(jax.device_get(state.params))
+      ema_seen.append(jax.device_get(state.ema_params))
   history = jax.device_get(history)
+  # The EMA's warm-up, against a float64 numpy recursion: decay at update n is min(0.999, (1+n)/(10+n)).
+  assert [float(m['ema_decay']) for m in history[:3]] == pytest.approx([1 / 10, 2 / 11, 3 / 12])
+  expected = jax.tree.map(lambda p: np.asarray(p, np.float64), params_seen[0])
+  for n in range(3):
+    d = min(0.999, (1 + n) / (10 + n))
+    expected = jax.tree.map(lambda e, p: e + (1 - d) * (np.asarray(p, np.float64) - e), expected,
+                            params_seen[n + 1])
+    tt.assert_trees_close(ema_seen[n + 1], expected, rtol=1e-5, atol=1e-7, what=f'ema after {n + 1} steps')
   diff = np.array([(m['diff_id'] + m['diff_agnostic']) / 2 for m in history])
   assert all(m['finite'] for m in history)
   start, end = diff[:10].mean(), diff[-20:].mean()

@@ -1,7 +1,7 @@
 """The train state, the optimizer and parameter initialisation (fresh or from an earlier stage)."""
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.struct
@@ -28,6 +28,20 @@ def learning_rate_schedule(config) -> optax.Schedule:
   return optax.join_schedules(
       [optax.linear_schedule(0.0, t.learning_rate, max(t.warmup_steps, 1)),
        optax.constant_schedule(t.learning_rate)], [max(t.warmup_steps, 1)])
+
+
+def ema_decay_schedule(config) -> Callable[[jax.Array], jax.Array]:
+  """EMA decay at update n: min(ema_decay, (1 + n) / (ema_warmup + n)), or ema_decay with no warm-up.
+
+  Without the warm-up the average keeps ema_decay^n of the initial weights, whose zero-initialised
+  output layers predict no noise: after 1,000 steps at 0.998 that is 13%, enough to turn every sample
+  of a short run into saturated noise. With it the average forgets the initialisation at once and
+  reaches ema_decay after about ema_warmup / (1 - ema_decay) updates.
+  """
+  decay, warmup = config.train.ema_decay, config.train.ema_warmup
+  if warmup <= 0:
+    return lambda n: jnp.asarray(decay, jnp.float32)
+  return lambda n: jnp.minimum(decay, (1.0 + n) / (warmup + jnp.asarray(n, jnp.float32)))
 
 
 def trainable_mask(config, params) -> Any:

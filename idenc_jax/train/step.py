@@ -16,7 +16,7 @@ def make_train_step(config, optimizer: optax.GradientTransformation):
   cond_encoder = models.build_condition_encoder(config) if config.stage == 2 else None
   schedule = schedules.from_config(config)
   lr = state_lib.learning_rate_schedule(config)
-  decay = config.train.ema_decay
+  ema_decay = state_lib.ema_decay_schedule(config)
 
   def loss_fn(params, batch, rng, step):
     return losses.compute_loss(params, batch, rng, step, config=config, generator=generator,
@@ -31,6 +31,7 @@ def make_train_step(config, optimizer: optax.GradientTransformation):
     params = optax.apply_updates(state.params, updates)
     # e + (1-d)(p-e) rather than d*e + (1-d)*p: equal in exact arithmetic, but this form leaves an
     # unchanged parameter's average bit-identical (stage 2's frozen weights), which the other rounds.
+    decay = ema_decay(state.step)
     ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params)
     # A non-finite loss or gradient leaves the state untouched (step included); the host loop sees
     # `finite == 0` and stops, so the last checkpoint stays good.
@@ -38,7 +39,8 @@ def make_train_step(config, optimizer: optax.GradientTransformation):
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = state.replace(step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
                               ema_params=keep(ema, state.ema_params), opt_state=keep(opt_state, state.opt_state))
-    metrics = dict(metrics, grad_norm=grad_norm, learning_rate=lr(state.step), finite=finite.astype(jnp.float32),
+    metrics = dict(metrics, grad_norm=grad_norm, learning_rate=lr(state.step), ema_decay=decay,
+                   finite=finite.astype(jnp.float32),
                    step=state.step)
     return new_state, metrics
 
