@@ -30,8 +30,8 @@ _STEPS = flags.DEFINE_integer('steps', 400, 'Training steps per variant.')
 _BATCH = flags.DEFINE_integer('batch_size', 16, 'Global training batch (half identity groups, half agnostic).')
 _LR = flags.DEFINE_float('learning_rate', 1e-3, 'Training learning rate.')
 _WARMUP = flags.DEFINE_integer('warmup_steps', 50, 'Learning-rate warm-up steps.')
-_EMA = flags.DEFINE_float('ema_decay', 0.99, 'EMA decay of the evaluated weights (short runs need a short '
-                          'average: 0.999 would keep ~74% of the initial weights after 300 steps).')
+_EMA = flags.DEFINE_float('ema_decay', 0.99, 'EMA decay of the evaluated weights (reached after the '
+                          "train.ema_warmup ramp; short runs need a short average).")
 _TIMESTEPS = flags.DEFINE_integer('timesteps', 1000, 'Diffusion steps T (ddpm in the sweep uses all T).')
 _VARIANTS = flags.DEFINE_list('variants', ['diffae', 'avg', 'multitask', 'full'], 'Table 3 rows to train.')
 _DATA = flags.DEFINE_list('data', ['synthetic'], 'Datasets: synthetic and/or celeba.')

@@ -365,9 +365,6 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   if config.stage == 2:   # super-resolution / inpainting against ground truth (evaluate/restoration.py)
     from idenc_jax.evaluate import restoration  # pylint: disable=import-outside-toplevel
     return restoration.evaluate_restoration(config, workdir)
-  if config.stage == 2:   # conditional tasks: the same protocol with ground truth (evaluate/restoration.py)
-    from idenc_jax.evaluate import restoration  # pylint: disable=import-outside-toplevel
-    return restoration.evaluate_restoration(config, workdir)
   from PIL import Image  # pylint: disable=import-outside-toplevel
   from idenc_jax import personalize  # pylint: disable=import-outside-toplevel
   from idenc_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
