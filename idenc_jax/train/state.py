@@ -36,7 +36,7 @@ def ema_decay_schedule(config) -> Callable[[jax.Array], jax.Array]:
   Without the warm-up the average keeps ema_decay^n of the initial weights, whose zero-initialised
   output layers predict no noise: after 1,000 steps at 0.998 that is 13%, enough to turn every sample
   of a short run into saturated noise. With it the average forgets the initialisation at once and
-  reaches ema_decay after about ema_warmup / (1 - ema_decay) updates.
+  reaches ema_decay after about (ema_warmup - 1) / (1 - ema_decay) updates.
   """
   decay, warmup = config.train.ema_decay, config.train.ema_warmup
   if warmup <= 0:

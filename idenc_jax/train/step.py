@@ -29,9 +29,9 @@ def make_train_step(config, optimizer: optax.GradientTransformation):
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    decay = ema_decay(state.step)
     # e + (1-d)(p-e) rather than d*e + (1-d)*p: equal in exact arithmetic, but this form leaves an
     # unchanged parameter's average bit-identical (stage 2's frozen weights), which the other rounds.
-    decay = ema_decay(state.step)
     ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params)
     # A non-finite loss or gradient leaves the state untouched (step included); the host loop sees
     # `finite == 0` and stops, so the last checkpoint stays good.
@@ -40,8 +40,7 @@ def make_train_step(config, optimizer: optax.GradientTransformation):
     new_state = state.replace(step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
                               ema_params=keep(ema, state.ema_params), opt_state=keep(opt_state, state.opt_state))
     metrics = dict(metrics, grad_norm=grad_norm, learning_rate=lr(state.step), ema_decay=decay,
-                   finite=finite.astype(jnp.float32),
-                   step=state.step)
+                   finite=finite.astype(jnp.float32), step=state.step)
     return new_state, metrics
 
   return train_step
