@@ -32,17 +32,17 @@ import importlib.util
 import json
 import math
 import os
-import queue
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import types
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from idenc_jax.train import prefetch as prefetch_lib
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST_COMPILE = {'xla_backend_optimization_level': 0}
@@ -299,42 +299,14 @@ def fixed_batch_loss(config, seed: int = 0, step: int | None = None,
   return {'loss': loss, 'grad_norm': grad_norm, 'diff_id': float(metrics.get('diff_id', loss))}
 
 
-class _Feeder:
-  """Host batches -> device, `depth` batches ahead on a thread (depth 0: synchronously), as the trainer."""
+class _Feeder(prefetch_lib.Prefetcher):
+  """Host batches (cycled) -> device, `depth` batches ahead on a thread (depth 0: synchronously), as the
+  trainer's DevicePrefetcher."""
 
   def __init__(self, host_batches: list[dict], depth: int):
     import jax  # pylint: disable=g-import-not-at-top
-    self._put = jax.device_put
-    self.host_batches, self.depth, self.i = host_batches, depth, 0
-    self.queue = queue.Queue(maxsize=max(depth, 1))
-    self.stop = threading.Event()
-    self.thread = None
-    if depth > 0:
-      self.thread = threading.Thread(target=self._fill, daemon=True)
-      self.thread.start()
-
-  def _take(self):
-    batch = self.host_batches[self.i % len(self.host_batches)]
-    self.i += 1
-    return self._put(batch)
-
-  def _fill(self):
-    while not self.stop.is_set():
-      item = self._take()
-      while not self.stop.is_set():
-        try:
-          self.queue.put(item, timeout=0.05)
-          break
-        except queue.Full:
-          pass
-
-  def next(self):
-    return self._take() if self.thread is None else self.queue.get()
-
-  def close(self):
-    self.stop.set()
-    if self.thread is not None:
-      self.thread.join(timeout=5)
+    count = iter(range(1 << 62))
+    super().__init__(lambda: jax.device_put(host_batches[next(count) % len(host_batches)]), depth)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -355,7 +327,8 @@ def _cost_flops(stage) -> float | None:
 _STATISTICS = {'median': np.median, 'min': np.min}
 
 
-def _median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+def _time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1, statistic: str = 'median') -> float:
+  """Seconds of one synchronised call of fn: the median (or min) of `repeats` after `warmup` calls."""
   import jax  # pylint: disable=g-import-not-at-top
   for _ in range(warmup):
     jax.block_until_ready(fn())
@@ -364,7 +337,7 @@ def _median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  return float(_STATISTICS[statistic](times))
 
 
 def matmul_probe(dtype_name: str, size: int | None = None) -> tuple[Callable[[], Any], float]:
@@ -384,16 +357,8 @@ def matmul_probe(dtype_name: str, size: int | None = None) -> tuple[Callable[[],
 def measure_peak_flops(dtype_name: str, size: int | None = None, repeats: int = 5,
                        statistic: str = 'median') -> float:
   """FLOP/s of a size^3 matmul of random data in `dtype_name` on the default device."""
-  import jax  # pylint: disable=g-import-not-at-top
   call, flops = matmul_probe(dtype_name, size)
-  for _ in range(2):
-    jax.block_until_ready(call())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(call())
-    times.append(time.perf_counter() - t0)
-  return flops / float(_STATISTICS[statistic](times))
+  return flops / _time_calls(call, repeats, warmup=2, statistic=statistic)
 
 
 def device_name() -> str:
@@ -461,7 +426,7 @@ def measure_sample_step(config, params, batch: int, repeats: int) -> tuple[float
   t0 = time.perf_counter()
   compiled = fn.lower(params, x, t, z).compile()
   compile_s = time.perf_counter() - t0
-  return 1e3 * _median_time(lambda: compiled(params, x, t, z), repeats, warmup=2), compile_s
+  return 1e3 * _time_calls(lambda: compiled(params, x, t, z), repeats, warmup=2), compile_s
 
 
 class TrainBench:

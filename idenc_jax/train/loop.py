@@ -2,7 +2,6 @@
 
 import io
 import logging
-import queue
 import signal
 import threading
 import time
@@ -19,6 +18,7 @@ from idenc_jax import models, sampling
 from idenc_jax.data import pipeline
 from idenc_jax.diffusion import schedules
 from idenc_jax.train import checkpoint as ckpt_lib
+from idenc_jax.train import prefetch as prefetch_lib
 from idenc_jax.train import sharding as sharding_lib
 from idenc_jax.train import state as state_lib
 from idenc_jax.train import step as step_lib
@@ -31,48 +31,15 @@ class NonFiniteLossError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------------
 # Input: a background thread takes batches from grain and puts them on the devices ahead of the step.
 # ---------------------------------------------------------------------------------------------------------
-class DevicePrefetcher:
+class DevicePrefetcher(prefetch_lib.Prefetcher):
   """Yields (global batch, data position after it); `depth` batches are transferred ahead."""
 
   def __init__(self, iterator, mesh, depth: int):
-    self.iterator, self.mesh, self.depth = iterator, mesh, depth
-    self.queue = queue.Queue(maxsize=max(depth, 1))
-    self.stop = threading.Event()
-    self.thread = None
-    if depth > 0:
-      self.thread = threading.Thread(target=self._fill, daemon=True)
-      self.thread.start()
-
-  def _take(self):
-    local = next(self.iterator)
-    position = ckpt_lib.DataPosition(self.iterator)
-    return sharding_lib.global_batch(local, self.mesh), position
-
-  def _fill(self):
-    try:
-      while not self.stop.is_set():
-        item = self._take()
-        while not self.stop.is_set():
-          try:
-            self.queue.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            pass
-    except BaseException as e:  # surfaced in the main thread
-      self.queue.put(e)
-
-  def next(self):
-    if self.thread is None:
-      return self._take()
-    item = self.queue.get()
-    if isinstance(item, BaseException):
-      raise item
-    return item
-
-  def close(self):
-    self.stop.set()
-    if self.thread is not None:
-      self.thread.join(timeout=5)
+    def take():
+      local = next(iterator)
+      position = ckpt_lib.DataPosition(iterator)
+      return sharding_lib.global_batch(local, mesh), position
+    super().__init__(take, depth)
 
 
 # ---------------------------------------------------------------------------------------------------------
