@@ -73,6 +73,10 @@ def _paper_config() -> config_dict.ConfigDict:
   c.diffusion = d = config_dict.ConfigDict()
   d.timesteps = 1000
   d.schedule = 'cosine'        # 'cosine' (Nichol & Dhariwal 2021) or 'linear' (beta 1e-4 .. 0.02)
+  # First timestep every sampler visits (grids, --mode=sample/eval); -1: T - 1. The cosine schedule's
+  # alpha_bar(T - 1) ~ 2e-9 amplifies an undertrained model's first x0 estimate into a colour cast;
+  # starting lower trades that for treating x_T as slightly too noisy (idenc_jax/diffusion/samplers.py).
+  d.sample_start_t = -1
 
   # ---- Loss: L = L_diff(id) + id_weight * L_id + agnostic_weight * L_diff(agnostic). --------------------
   c.loss = l = config_dict.ConfigDict()
@@ -204,6 +208,9 @@ def _apply_cpu(c):
   c.loss.curriculum_steps = 1000
   c.sample.steps = 25
   c.eval.steps = 25
+  # From t = 960 rather than 999: on the 5,000-step model, DDIM-25's oracle FD 7.7 -> 4.6 and diversity
+  # 0.17 (colour casts) -> 0.11, the real images' own 0.11 (README, "main job").
+  c.diffusion.sample_start_t = 960
   c.finetune.steps = 100
   c.finetune.learning_rate = 2e-4
   # Stage 2 at 32 px: 4x super-resolution (an 8x8 input, as coarse relative to the face's features as the

@@ -199,6 +199,8 @@ class Personalizer:
     self.generator = models.build_generator(config)
     self.encoder = models.build_encoder(config)
     self.schedule = schedules.from_config(config)
+    # Every generation starts at this timestep (config.diffusion.sample_start_t; -1 = T - 1).
+    self.start_t = samplers.check_start_t(config.diffusion.sample_start_t, self.schedule.timesteps)
     self._key = _model_key(config)
     if (self._key, 'encode') not in _COMPILED:
       encoder = self.encoder
@@ -236,13 +238,13 @@ class Personalizer:
 
   # ---- Embedding -> images. ----
   def _generate_fn(self, num: int, sampler: str, steps: int | None, eta: float, with_context: bool):
-    key = (self._key, 'generate', num, sampler, steps, float(eta), with_context)
+    key = (self._key, 'generate', num, sampler, steps, float(eta), self.start_t, with_context)
     if key not in _COMPILED:
-      generator, schedule = self.generator, self.schedule
+      generator, schedule, start_t = self.generator, self.schedule, self.start_t
 
       def one(gen_params, z, rng, context):
         return sampling.generate(generator, gen_params, schedule, z, rng, num=num, sampler=sampler,
-                                 num_steps=steps, eta=eta, context=context)
+                                 num_steps=steps, eta=eta, start_t=start_t, context=context)
       # vmapped over identities: one compiled call generates for a batch of embeddings.
       _COMPILED[key] = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0 if with_context else None)))
     return _COMPILED[key]
@@ -262,7 +264,7 @@ class Personalizer:
     """`num` images for each of I embeddings zs [I, D] -> uint8 [I, num, res, res, 3].
 
     Identity i uses rng key(seeds[i]) (default seeds 0..I-1), so row i equals `generate(zs[i], seed=seeds[i])`.
-    steps=None with 'ddpm' runs all T steps. context: stage-2 condition tokens [I, L, C], or None.
+    steps=None with 'ddpm' visits every timestep from `start_t` down. context: stage-2 condition tokens [I, L, C], or None.
     generator_params: other generator parameters (e.g. fine-tuned ones) in place of the checkpoint's.
     """
     self._check_sampler(sampler, steps, eta)

@@ -18,21 +18,24 @@ def embed_references(encoder, encoder_params, references: jax.Array) -> jax.Arra
 
 def generate(generator, generator_params, schedule: schedules.NoiseSchedule, z: jax.Array | None,
              rng: jax.Array, *, num: int, sampler: str = 'ddim', num_steps: int = 50, eta: float = 0.0,
-             context: jax.Array | None = None, clip: bool = True) -> jax.Array:
-  """num images of one identity: z [D] (or None for the unconditional generator) -> [num, R, R, 3]."""
+             start_t: int | None = None, context: jax.Array | None = None, clip: bool = True) -> jax.Array:
+  """num images of one identity: z [D] (or None for the unconditional generator) -> [num, R, R, 3].
+
+  start_t: the sampler's first timestep (None: T - 1; see `samplers`, `config.diffusion.sample_start_t`).
+  """
   r = generator.resolution
   rng_x, rng_s = jax.random.split(rng)
   x_T = jax.random.normal(rng_x, (num, r, r, 3), jnp.float32)
   z_b = None if z is None else jnp.broadcast_to(z, (num,) + z.shape[-1:])
   ctx = None if context is None else jnp.broadcast_to(context, (num,) + context.shape[-2:])
   eps_fn = lambda x, t: generator.apply({'params': generator_params}, x, t, z_b, ctx)
-  out = samplers.sample(sampler, eps_fn, schedule, x_T, num_steps=num_steps, eta=eta,
+  out = samplers.sample(sampler, eps_fn, schedule, x_T, num_steps=num_steps, eta=eta, start_t=start_t,
                         rng=rng_s if sampler != 'dpmpp' else None, clip_denoised=clip)
   return jnp.clip(out, -1.0, 1.0) if clip else out
 
 
 def make_identity_sampler(generator, encoder, schedule, *, num: int, sampler: str, num_steps: int,
-                          eta: float = 0.0):
+                          eta: float = 0.0, start_t: int | None = None):
   """A jitted fn(gen_params, enc_params, references [I, R, ...], rng) -> samples [I, num, ...].
 
   vmapped over identities, so a whole grid is one compiled call.
@@ -40,7 +43,7 @@ def make_identity_sampler(generator, encoder, schedule, *, num: int, sampler: st
   def one(gen_params, enc_params, refs, rng):
     z = embed_references(encoder, enc_params, refs)
     return generate(generator, gen_params, schedule, z, rng, num=num, sampler=sampler,
-                    num_steps=num_steps, eta=eta)
+                    num_steps=num_steps, eta=eta, start_t=start_t)
 
   def fn(gen_params, enc_params, references, rng):
     rngs = jax.random.split(rng, references.shape[0])

@@ -123,6 +123,32 @@ def test_same_seed_same_images(setup):
   assert len({im.tobytes() for im in a}) == 3   # the images of one call differ from each other
 
 
+def test_config_sample_start_t_reaches_the_sampler(setup):
+  """config.diffusion.sample_start_t = 50 (of T = 100): one DDIM step from x_T taken as x_50 gives
+  x0_hat = (x - sqrt(1 - ab_50) eps(x, 50)) / sqrt(ab_50), clipped; the default starts at t = 99."""
+  config, params, _ = setup
+  config = config.copy_and_resolve_references()
+  z = personalize.Personalizer(config, params).embed(_photos())
+  default = personalize.Personalizer(config, params).generate(z, 2, sampler='ddim', steps=1, seed=3)
+  config.diffusion.sample_start_t = 50
+  p = personalize.Personalizer(config, params)
+  got = p.generate(z, 2, sampler='ddim', steps=1, seed=3)
+  # The same x_T (sampling.generate draws it from the first half of the seed's key), one step by hand.
+  x = jax.random.normal(jax.random.split(jax.random.key(3))[0], (2, config.model.resolution,
+                                                                 config.model.resolution, 3), jnp.float32)
+  zb = jnp.broadcast_to(jnp.asarray(z), (2, z.shape[0]))
+  eps = np.asarray(p.generator.apply({'params': params['generator']}, x, jnp.full((2,), 50, jnp.int32), zb),
+                   np.float64)
+  ab = np.asarray(p.schedule.alphas_cumprod, np.float64)[50]
+  x0 = np.clip((np.asarray(x, np.float64) - np.sqrt(1 - ab) * eps) / np.sqrt(ab), -1, 1)
+  want = np.clip(np.round((x0 + 1) * 127.5), 0, 255)
+  assert np.abs(got.astype(int) - want).max() <= 1
+  assert np.abs(got.astype(int) - default.astype(int)).mean() > 1.0
+  config.diffusion.sample_start_t = 100
+  with pytest.raises(ValueError, match='start_t'):
+    personalize.Personalizer(config, params)
+
+
 def test_embedding_file_round_trip_and_shape_check(tmp_path):
   z = np.linspace(-1, 1, 32, dtype=np.float32)
   path = tmp_path / 'me.npy'

@@ -74,10 +74,15 @@ def test_gaussian_eps_fn_is_the_regression_of_eps_on_x_t():
 # ---- Predicted output standard deviation (float64), one recursion per sampler family. ----------
 
 def _ancestral_std(ab, ts, s=S):
+  return _ancestral_moments(ab, ts, 0.0, s)[1]
+
+
+def _ancestral_moments(ab, ts, z_mean, s=S):
   """Ancestral steps t -> t' of q(x_t' | x_t, x0) (Gaussian conditioning), fixed-small variance.
 
   Deviation z = x - a mu: x0_hat - mu = (a s^2 / v) z and the posterior mean preserves a mu, so
-  z' = (c0 a s^2 / v + ct) z + sqrt(var) xi.
+  z' = (c0 a s^2 / v + ct) z + sqrt(var) xi. Starts from z of mean z_mean and variance 1; returns the
+  final deviation's (mean, std) (after t = 0 the output is mu + z).
   """
   var = 1.0
   for i, t in enumerate(ts):
@@ -87,8 +92,9 @@ def _ancestral_std(ab, ts, s=S):
     ct = cov / (1 - ab[t])
     c0 = np.sqrt(abn) - ct * a
     post_var = (1 - abn) - cov ** 2 / (1 - ab[t])
-    var = (c0 * a * s * s / v + ct) ** 2 * var + post_var
-  return np.sqrt(var)
+    gain = c0 * a * s * s / v + ct
+    var, z_mean = gain ** 2 * var + post_var, gain * z_mean
+  return z_mean, np.sqrt(var)
 
 
 def _ddim_std(ab, ts, eta, s=S):
@@ -124,12 +130,12 @@ def _dpmpp_std(ab, ts, s=S):
 
 # ---- Gaussian-data checks. --------------------------------------------------------------------------
 
-def _check_gaussian(x, want_std):
+def _check_gaussian(x, want_std, want_mean=MU):
   x = np.asarray(x, np.float64).reshape(N, 2)
   assert np.all(np.isfinite(x))
   mean, std = x.mean(0), x.std(0)
   se_mean, se_std = want_std / math.sqrt(N), want_std / math.sqrt(2 * N)
-  assert np.all(np.abs(mean - MU) < Z * se_mean), (mean, MU, se_mean)
+  assert np.all(np.abs(mean - want_mean) < Z * se_mean), (mean, want_mean, se_mean)
   assert np.all(np.abs(std - want_std) < Z * se_std), (std, want_std, se_std)
 
 
@@ -187,6 +193,44 @@ def test_dpmpp_more_steps_converge_to_s():
   out = jax.jit(lambda x: samplers.dpmpp_2m_sample(_gaussian_eps_fn(ab), sched, x, 100))(_x_T())
   assert abs(_dpmpp_std(ab, samplers.timestep_subsequence(sched, 100, 'logsnr')) / S - 1) < 0.005
   _check_gaussian(out, S)
+
+
+START = 600   # alpha_bar = 0.34 under the cosine schedule: x_T ~ N(0, 1) is far from x_600's N(a mu, v)
+
+
+def test_start_t_solves_from_x_T_as_if_it_were_x_start():
+  """Started at t0 < T - 1, the probability-flow ODE maps x (taken as x_t0) to its data point.
+
+  For Gaussian data the exact flow is x0 = mu + s (x - a mu) / sqrt(v) (a^2 = alpha_bar_t0,
+  v = a^2 s^2 + 1 - a^2), so x ~ N(0, 1) gives mean mu (1 - a s / sqrt(v)) and std s / sqrt(v): both
+  away from the data's (mu, s), so a sampler that ignored start_t fails. 100 log-SNR steps of
+  DPM-Solver++ are within sampling error of the flow (test above).
+  """
+  ab = _alpha_bar('cosine', 1000)
+  sched = schedules.make_schedule('cosine', 1000)
+  a, v = np.sqrt(ab[START]), ab[START] * S ** 2 + 1 - ab[START]
+  out = jax.jit(lambda x: samplers.sample('dpmpp', _gaussian_eps_fn(ab), sched, x, num_steps=100,
+                                          start_t=START))(_x_T())
+  _check_gaussian(out, S / np.sqrt(v), MU * (1 - a * S / np.sqrt(v)))
+
+
+def test_start_t_ancestral_sampling_from_x_start():
+  """Full DDPM from t0 visits t0, ..., 0 with x ~ N(0, 1) as x_t0 (deviation z = x - a mu of mean
+  -a mu). The fixed-small-variance recursion gives the output's moments; it is close to sampling
+  p(x0 | x_t0) exactly (mean mu + (a s^2 / v) z, variance s^2 - a^2 s^4 / v). With data spread s = 1
+  the mean is pulled 0.34 mu towards 0, far outside sampling error, so ignoring start_t fails."""
+  s = 1.0
+  ab = _alpha_bar('cosine', 1000)
+  sched = schedules.make_schedule('cosine', 1000)
+  a2, v = ab[START], ab[START] * s ** 2 + 1 - ab[START]
+  z_mean, want_std = _ancestral_moments(ab, np.arange(START, -1, -1), -np.sqrt(a2) * MU, s)
+  exact_std = np.sqrt(s ** 2 - a2 * s ** 4 / v + a2 * s ** 4 / v ** 2)
+  assert abs(want_std / exact_std - 1) < 0.02
+  np.testing.assert_allclose(z_mean, -a2 * s ** 2 * MU / v, rtol=0.02)
+  assert np.all(np.abs(z_mean) > Z * s / math.sqrt(N))   # outside the mean check's tolerance
+  out = jax.jit(lambda x, rng: samplers.ddpm_sample(_gaussian_eps_fn(ab, s=s), sched, x, rng,
+                                                    start_t=START))(_x_T(), _key(2))
+  _check_gaussian(out, want_std, MU + z_mean)
 
 
 @pytest.mark.parametrize('name', ['ddim', 'dpmpp'])
@@ -308,6 +352,16 @@ def test_timestep_subsequence():
       assert len(ts) == n and ts[0] == 999 and ts[-1] == 0 and np.all(np.diff(ts) < 0), (spacing, n)
     np.testing.assert_array_equal(samplers.timestep_subsequence(sched, 1000, spacing),
                                   np.arange(999, -1, -1))
+  # start_t: the same spacings over start_t..0; -1 and None mean T - 1.
+  np.testing.assert_array_equal(samplers.timestep_subsequence(sched, 25, start_t=960),
+                                np.arange(960, -1, -40))
+  np.testing.assert_array_equal(samplers.timestep_subsequence(sched, 50, start_t=-1),
+                                samplers.timestep_subsequence(sched, 50))
+  for spacing in samplers.SPACINGS:
+    for n in (2, 9, 400, 601):
+      ts = samplers.timestep_subsequence(sched, n, spacing, start_t=600)
+      assert len(ts) == n and ts[0] == 600 and ts[-1] == 0 and np.all(np.diff(ts) < 0), (spacing, n)
+  np.testing.assert_array_equal(samplers.timestep_subsequence(sched, 1, start_t=7), [7])
   quad = samplers.timestep_subsequence(sched, 20, 'quadratic')
   assert np.all(np.diff(-np.diff(quad)) <= 1)               # gaps shrink towards t = 0
   # logsnr: where the lambda grid is fine, each visited timestep sits on its uniform lambda target.
@@ -339,6 +393,11 @@ def test_bad_arguments():
     samplers.ddim_sample(_wiggly_eps_fn, sched, x, 101)
   with pytest.raises(ValueError, match='num_steps'):
     samplers.dpmpp_2m_sample(_wiggly_eps_fn, sched, x, 0)
+  with pytest.raises(ValueError, match=r'num_steps must be an integer in \[1, 51\]'):
+    samplers.ddim_sample(_wiggly_eps_fn, sched, x, 52, start_t=50)
+  for bad in (0, 100, 2.5):
+    with pytest.raises(ValueError, match='start_t'):
+      samplers.timestep_subsequence(sched, 5, start_t=bad)
   with pytest.raises(ValueError, match="'cubic'"):
     samplers.timestep_subsequence(sched, 5, 'cubic')
   with pytest.raises(ValueError, match='shape'):

@@ -384,7 +384,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   sweep = []
   for name, steps in parse_sweep(ev.sweep, T):
     m, _ = run_protocol(config, p, eval_set, evaluator, sampler=name, steps=steps, zs=zs)
-    row = {'sampler': name, 'steps': steps or T, 'model_calls': steps or T}
+    row = {'sampler': name, 'steps': steps or p.start_t + 1, 'model_calls': steps or p.start_t + 1}
     row.update({k: m.get(k) for k in METRICS + EXTRAS + ('sample_seconds',)})
     sweep.append(row)
     logging.info('eval sweep %s:%d: %s', name, row['steps'], row)
@@ -392,7 +392,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   metrics['sweep'] = sweep
   metrics['settings'] = {
       'workdir': os.path.abspath(workdir), 'checkpoint_step': step, 'parameters': 'ema',
-      'sampler': ev.sampler, 'steps': main_steps or T, 'eta': 0.0, 'num_references': ev.num_references,
+      'sampler': ev.sampler, 'steps': main_steps or p.start_t + 1, 'sample_start_t': p.start_t, 'eta': 0.0, 'num_references': ev.num_references,
       'num_generated': ev.num_generated, 'num_identities': len(eval_set),
       'identities_skipped_too_few_images': eval_set.num_skipped,
       'held_out_real_images': int(sum(len(h) for h in eval_set.held_out)),

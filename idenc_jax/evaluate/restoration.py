@@ -132,7 +132,8 @@ def evaluate_restoration(config, workdir: str, *, restorer=None, max_identities:
   metrics['rows'] = rows
   metrics['settings'] = {
       'task': deg.task, 'workdir': os.path.abspath(workdir), 'checkpoint_step': _step(workdir),
-      'parameters': 'ema', 'sampler': ev.sampler, 'steps': steps or config.diffusion.timesteps,
+      'parameters': 'ema', 'sampler': ev.sampler, 'steps': steps or restorer.personalizer.start_t + 1,
+      'sample_start_t': restorer.personalizer.start_t,
       'num_references': ev.num_references, 'restorations_per_identity': g, 'num_identities': n_id,
       'sr_factor': deg.sr_factor if deg.task == 'sr' else None, 'sr_upsample': deg.upsample,
       'mask_side': deg.side if deg.task == 'inpaint' else None, 'resolution': config.model.resolution,

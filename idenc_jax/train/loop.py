@@ -86,7 +86,7 @@ class SampleGrid:
     self.references = np.stack([v[:n_ref] for v in usable.values()])  # [I, R, H, W, 3] uint8
     self.fn = sampling.make_identity_sampler(
         models.build_generator(config), models.build_encoder(config), schedules.from_config(config),
-        num=4, sampler='ddim', num_steps=tc.sample_steps)
+        num=4, sampler='ddim', num_steps=tc.sample_steps, start_t=config.diffusion.sample_start_t)
     self.rng = jax.random.key(config.seed + 1)
 
   def __call__(self, ema_params) -> np.ndarray:
