@@ -253,6 +253,7 @@ def _apply_tiny(c):
   c.eval.num_generated = 2
   c.finetune.steps = 4
   c.diffusion.timesteps = 100
+  c.diffusion.sample_start_t = -1   # T - 1: the cpu value (960) is beyond this schedule's 100 steps
 
 
 def _apply_stage0(c):

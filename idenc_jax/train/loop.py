@@ -16,7 +16,7 @@ from PIL import Image
 
 from idenc_jax import models, sampling
 from idenc_jax.data import pipeline
-from idenc_jax.diffusion import schedules
+from idenc_jax.diffusion import samplers, schedules
 from idenc_jax.train import checkpoint as ckpt_lib
 from idenc_jax.train import prefetch as prefetch_lib
 from idenc_jax.train import sharding as sharding_lib
@@ -84,9 +84,12 @@ class SampleGrid:
     if not usable:
       raise ValueError(f'No held-out identity has more than {n_ref} images for the sample grid.')
     self.references = np.stack([v[:n_ref] for v in usable.values()])  # [I, R, H, W, 3] uint8
+    schedule = schedules.from_config(config)
+    start_t = config.diffusion.sample_start_t
+    samplers.timestep_subsequence(schedule, tc.sample_steps, start_t=start_t)  # errors now, not at the first grid
     self.fn = sampling.make_identity_sampler(
-        models.build_generator(config), models.build_encoder(config), schedules.from_config(config),
-        num=4, sampler='ddim', num_steps=tc.sample_steps, start_t=config.diffusion.sample_start_t)
+        models.build_generator(config), models.build_encoder(config), schedule,
+        num=4, sampler='ddim', num_steps=tc.sample_steps, start_t=start_t)
     self.rng = jax.random.key(config.seed + 1)
 
   def __call__(self, ema_params) -> np.ndarray:
