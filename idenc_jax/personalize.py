@@ -264,7 +264,8 @@ class Personalizer:
     """`num` images for each of I embeddings zs [I, D] -> uint8 [I, num, res, res, 3].
 
     Identity i uses rng key(seeds[i]) (default seeds 0..I-1), so row i equals `generate(zs[i], seed=seeds[i])`.
-    steps=None with 'ddpm' visits every timestep from `start_t` down. context: stage-2 condition tokens [I, L, C], or None.
+    steps=None with 'ddpm' visits every timestep from `start_t` down. context: stage-2 condition tokens
+    [I, L, C], or None.
     generator_params: other generator parameters (e.g. fine-tuned ones) in place of the checkpoint's.
     """
     self._check_sampler(sampler, steps, eta)

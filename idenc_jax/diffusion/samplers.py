@@ -8,7 +8,7 @@ Fewer-step samplers (DDIM, DPM-Solver++, respaced DDPM) visit `timestep_subseque
 distinct timesteps from `start_t` (default T - 1) down to 0, both ends always included, of any length
 1..start_t + 1. DDIM and DDPM default to 'uniform' spacing (evenly spaced in t, rounded); DPM-Solver++ to
 'logsnr' (evenly spaced in log(alpha / sigma)). Each sampler calls the model exactly `num_steps` times
-(T for full DDPM); the last call, at t = 0, yields x_0.
+(start_t + 1 for full DDPM); the last call, at t = 0, yields x_0.
 
 Why start below T - 1: under the cosine schedule alpha_bar(T - 1) ~ 2e-9, so x0_hat at the first step is
 the model's noise-prediction error amplified by 1 / sqrt(alpha_bar) ~ 20,000; clipped, an undertrained

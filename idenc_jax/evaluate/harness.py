@@ -392,7 +392,8 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   metrics['sweep'] = sweep
   metrics['settings'] = {
       'workdir': os.path.abspath(workdir), 'checkpoint_step': step, 'parameters': 'ema',
-      'sampler': ev.sampler, 'steps': main_steps or p.start_t + 1, 'sample_start_t': p.start_t, 'eta': 0.0, 'num_references': ev.num_references,
+      'sampler': ev.sampler, 'steps': main_steps or p.start_t + 1, 'sample_start_t': p.start_t, 'eta': 0.0,
+      'num_references': ev.num_references,
       'num_generated': ev.num_generated, 'num_identities': len(eval_set),
       'identities_skipped_too_few_images': eval_set.num_skipped,
       'held_out_real_images': int(sum(len(h) for h in eval_set.held_out)),
