@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -305,8 +306,8 @@ class _Feeder(prefetch_lib.Prefetcher):
 
   def __init__(self, host_batches: list[dict], depth: int):
     import jax  # pylint: disable=g-import-not-at-top
-    count = iter(range(1 << 62))
-    super().__init__(lambda: jax.device_put(host_batches[next(count) % len(host_batches)]), depth)
+    batches = itertools.cycle(host_batches)
+    super().__init__(lambda: jax.device_put(next(batches)), depth)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from idenc_jax import losses, models
-from idenc_jax.diffusion import schedules
+from idenc_jax.diffusion import samplers, schedules
 
 
 def _flip(rng: jax.Array, x: jax.Array) -> jax.Array:
@@ -116,7 +116,7 @@ def compare(config, workdir: str, *, num_identities: int | None = None, write: b
   subset = full.subset(range(min(k, len(full))))
   evaluator = harness.Evaluator(config, subset, gallery=full)
   refs = [jnp.asarray(r, jnp.float32) / 127.5 - 1.0 for r in subset.references]
-  steps = None if ev.sampler == 'ddpm' and ev.steps >= config.diffusion.timesteps else ev.steps
+  steps = samplers.num_steps_from_config(ev.sampler, ev.steps, config.diffusion.timesteps)
 
   # Each way is timed per identity after a warm-up call on the first identity, whose extra time over a
   # timed call is reported as compile time.

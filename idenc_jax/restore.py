@@ -39,6 +39,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from idenc_jax import models, personalize, sampling
 from idenc_jax.data import degrade as degrade_lib
 from idenc_jax.data.prepare import center_crop_resize
+from idenc_jax.diffusion import samplers
 from idenc_jax.train import checkpoint as ckpt_lib
 
 
@@ -212,7 +213,7 @@ def restore_from_config(config, workdir: str) -> dict:
     cond = restorer.condition_from_input(image, s.mask)[None]
   if refs is not None:
     z = restorer.personalizer.embed(refs, align=False)
-  steps = None if s.sampler == 'ddpm' and s.steps >= config.diffusion.timesteps else s.steps
+  steps = samplers.num_steps_from_config(s.sampler, s.steps, config.diffusion.timesteps)
   restored = restorer.restore(z, cond, s.num, sampler=s.sampler, steps=steps, eta=s.eta, seed=s.seed)[0]
 
   os.makedirs(out_dir, exist_ok=True)

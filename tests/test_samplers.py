@@ -374,6 +374,15 @@ def test_timestep_subsequence():
   assert np.all(np.abs(lam[ts] - targets)[middle] < 0.05)
 
 
+def test_num_steps_from_config():
+  """Only ddpm asked for T or more steps runs every timestep (None); any other count passes through."""
+  assert samplers.num_steps_from_config('ddpm', 1000, 1000) is None
+  assert samplers.num_steps_from_config('ddpm', 1200, 1000) is None
+  assert samplers.num_steps_from_config('ddpm', 999, 1000) == 999
+  assert samplers.num_steps_from_config('ddim', 1000, 1000) == 1000
+  assert samplers.num_steps_from_config('dpmpp', 25, 1000) == 25
+
+
 def test_bad_arguments():
   sched = schedules.make_schedule('cosine', 100)
   x = jnp.zeros((2, 2, 2, 1))

@@ -82,6 +82,12 @@ def timestep_subsequence(schedule: NoiseSchedule, num_steps: int, spacing: str =
   return _strictly_decreasing(np.floor(ts + 0.5), start)
 
 
+def num_steps_from_config(name: str, steps: int, timesteps: int) -> int | None:
+  """A config's step count -> the samplers' num_steps: None (every timestep from the start) for 'ddpm'
+  asked for T or more steps, as the paper's 1000-step sampler; otherwise `steps` as given."""
+  return None if name == 'ddpm' and steps >= timesteps else steps
+
+
 def check_start_t(start_t: int | None, timesteps: int) -> int:
   """The first timestep a sampler visits: start_t, or T - 1 when None or -1; an error outside [1, T - 1]."""
   if start_t is None or (isinstance(start_t, (int, np.integer)) and start_t == -1):

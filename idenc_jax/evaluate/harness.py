@@ -149,7 +149,7 @@ def parse_sweep(spec: str, timesteps: int) -> list[tuple[str, int | None]]:
     if name not in samplers.SAMPLERS or not steps.isdigit() or not 1 <= int(steps) <= timesteps:
       raise ValueError(f'config.eval.sweep entry {item!r} is not sampler:steps with sampler in '
                        f'{list(samplers.SAMPLERS)} and 1 <= steps <= {timesteps}.')
-    out.append((name, None if name == 'ddpm' and int(steps) == timesteps else int(steps)))
+    out.append((name, samplers.num_steps_from_config(name, int(steps), timesteps)))
   return out
 
 
@@ -367,6 +367,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
     return restoration.evaluate_restoration(config, workdir)
   from PIL import Image  # pylint: disable=import-outside-toplevel
   from idenc_jax import personalize  # pylint: disable=import-outside-toplevel
+  from idenc_jax.diffusion import samplers  # pylint: disable=import-outside-toplevel
   from idenc_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   ev = config.eval
   t_start = time.time()
@@ -375,7 +376,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   eval_set = load_eval_set(config)
   evaluator = Evaluator(config, eval_set)
   T = config.diffusion.timesteps
-  main_steps = None if ev.sampler == 'ddpm' and ev.steps >= T else ev.steps
+  main_steps = samplers.num_steps_from_config(ev.sampler, ev.steps, T)
   zs = embed_eval_set(p, eval_set)
   metrics, gen = run_protocol(config, p, eval_set, evaluator, sampler=ev.sampler, steps=main_steps, zs=zs)
   logging.info('eval (%s, %s steps): %s', ev.sampler, ev.steps,

@@ -97,6 +97,7 @@ def evaluate_restoration(config, workdir: str, *, restorer=None, max_identities:
   """Runs the protocol above on the latest stage-2 checkpoint in `workdir`; writes WORKDIR/eval/*."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
   from idenc_jax import restore, sampling  # pylint: disable=import-outside-toplevel
+  from idenc_jax.diffusion import samplers  # pylint: disable=import-outside-toplevel
   ev = config.eval
   t_start = time.time()
   restorer = restorer or restore.Restorer.from_workdir(config, workdir)
@@ -108,7 +109,7 @@ def evaluate_restoration(config, workdir: str, *, restorer=None, max_identities:
   conditions = restorer.degrade(flat_truth, seed=config.seed)
   holes = conditions[..., 3] > 0.5 if deg.task == 'inpaint' else None
   zs = harness.embed_eval_set(restorer.personalizer, eval_set)
-  steps = None if ev.sampler == 'ddpm' and ev.steps >= config.diffusion.timesteps else ev.steps
+  steps = samplers.num_steps_from_config(ev.sampler, ev.steps, config.diffusion.timesteps)
   kw = dict(sampler=ev.sampler, steps=steps, seed=config.seed)
   t0 = time.time()
   images = {

@@ -13,7 +13,7 @@ class Prefetcher:
   (depth 0: `take()` synchronously). An exception in `take()` is raised by the `next()` that reaches it."""
 
   def __init__(self, take: Callable[[], Any], depth: int):
-    self._take, self.depth = take, depth
+    self._take = take
     self.queue = queue.Queue(maxsize=max(depth, 1))
     self.stop = threading.Event()
     self.thread = None
