@@ -40,7 +40,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from idenc_jax import models, sampling
 from idenc_jax.data import align as align_lib
 from idenc_jax.data.prepare import IMAGE_EXTENSIONS, center_crop_resize
-from idenc_jax.diffusion import samplers, schedules
+from idenc_jax.diffusion import consistency, samplers, schedules
 from idenc_jax.train import checkpoint as ckpt_lib
 
 ImageLike = Any   # str | os.PathLike | PIL.Image.Image | np.ndarray (uint8 [H, W], [H, W, 1|3|4])
@@ -237,16 +237,19 @@ class Personalizer:
     return self.encode(images, align=align).mean(axis=0)
 
   # ---- Embedding -> images. ----
-  def _generate_fn(self, num: int, sampler: str, steps: int | None, eta: float, with_context: bool):
-    key = (self._key, 'generate', num, sampler, steps, float(eta), self.start_t, with_context)
+  def _generate_fn(self, num: int, sampler: str, steps: int | None, eta: float, with_context: bool,
+                   project: consistency.Projector | None = None):
+    key = (self._key, 'generate', num, sampler, steps, float(eta), self.start_t, with_context, project)
     if key not in _COMPILED:
       generator, schedule, start_t = self.generator, self.schedule, self.start_t
 
-      def one(gen_params, z, rng, context):
+      def one(gen_params, z, rng, context, condition):
         return sampling.generate(generator, gen_params, schedule, z, rng, num=num, sampler=sampler,
-                                 num_steps=steps, eta=eta, start_t=start_t, context=context)
+                                 num_steps=steps, eta=eta, start_t=start_t, context=context,
+                                 condition=condition, project=project)
       # vmapped over identities: one compiled call generates for a batch of embeddings.
-      _COMPILED[key] = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0 if with_context else None)))
+      _COMPILED[key] = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0 if with_context else None,
+                                                      0 if project is not None else None)))
     return _COMPILED[key]
 
   @staticmethod
@@ -260,27 +263,36 @@ class Personalizer:
 
   def generate_batch(self, zs: np.ndarray, num: int, *, sampler: str = 'ddim', steps: int | None = 50,
                      eta: float = 0.0, seeds: Sequence[int] | np.ndarray = None, context: np.ndarray | None = None,
-                     generator_params: Any = None) -> np.ndarray:
+                     generator_params: Any = None, project: consistency.Projector | None = None,
+                     conditions: np.ndarray | None = None) -> np.ndarray:
     """`num` images for each of I embeddings zs [I, D] -> uint8 [I, num, res, res, 3].
 
     Identity i uses rng key(seeds[i]) (default seeds 0..I-1), so row i equals `generate(zs[i], seed=seeds[i])`.
     steps=None with 'ddpm' visits every timestep from `start_t` down. context: stage-2 condition tokens
     [I, L, C], or None.
     generator_params: other generator parameters (e.g. fine-tuned ones) in place of the checkpoint's.
+    project, conditions: data consistency for restoration (`diffusion.consistency`; one projector object per
+    compiled sampler, so keep it), with the degraded inputs [I, res, res, C].
     """
     self._check_sampler(sampler, steps, eta)
+    if (project is None) != (conditions is None):
+      raise ValueError('Data consistency needs both a projector and the degraded inputs (conditions).')
     zs = np.asarray(zs, np.float32)
     if zs.ndim != 2 or zs.shape[1] != self.embed_dim:
       raise ValueError(f'Embeddings must have shape [I, {self.embed_dim}], got {zs.shape}.')
+    r = self.resolution
+    if conditions is not None and (np.ndim(conditions) != 4 or np.shape(conditions)[:3] != (len(zs), r, r)):
+      raise ValueError(f'conditions must have shape [{len(zs)}, {r}, {r}, C], got {np.shape(conditions)}.')
     if num < 1:
       raise ValueError(f'num must be >= 1, got {num}.')
     seeds = np.arange(len(zs)) if seeds is None else np.asarray(seeds)
     if seeds.shape != (len(zs),):
       raise ValueError(f'seeds must have one entry per embedding ({len(zs)}), got shape {seeds.shape}.')
     rngs = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-    fn = self._generate_fn(num, sampler, steps, eta, context is not None)
+    fn = self._generate_fn(num, sampler, steps, eta, context is not None, project)
     gen = self.params['generator'] if generator_params is None else generator_params
-    out = fn(gen, jnp.asarray(zs), rngs, None if context is None else jnp.asarray(context))
+    out = fn(gen, jnp.asarray(zs), rngs, None if context is None else jnp.asarray(context),
+             None if conditions is None else jnp.asarray(conditions, jnp.float32))
     return sampling.to_uint8(out)
 
   def generate(self, z: np.ndarray, num: int, *, sampler: str = 'ddim', steps: int | None = 50, eta: float = 0.0,

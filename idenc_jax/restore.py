@@ -7,10 +7,15 @@ Python API (the style of `personalize.Personalizer`, which it wraps):
   cond = r.degrade(clean_uint8_images, seed=0)        # clean [N, R, R, 3] -> conditions [N, R, R, C]
   cond = r.condition_from_input(low_res_or_masked, mask=None)[None]   # or a degraded input as given
   out = r.restore(z, cond, num=4, sampler='ddim', steps=50, seed=0)   # uint8 [N, 4, R, R, 3]
+  out = r.restore(z, cond, num=4, consistent=True)   # data consistency inside the sampler (see below)
 
 Conditions are those of `data.degrade` (the training pipeline's): for 'sr' the low-resolution image
 ((R/sr_factor)^2 px) brought back to R px by config.stage2.sr_upsample, for 'inpaint' the masked image
 (hole at 0 = grey in [-1, 1]) plus the mask channel (1 = missing).
+
+Data consistency (`diffusion.consistency`, not the paper's method, an option): with `consistent=True` every
+denoised estimate inside the sampler keeps what the input fixes (the low-res block means, the known pixels);
+`project` applies the same projection once, after sampling. Both need sr_upsample='nearest' for SR.
 
 Command line (`--mode=sample` on a stage-2 config; `personalize.sample_from_config` hands over):
 
@@ -39,7 +44,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from idenc_jax import models, personalize, sampling
 from idenc_jax.data import degrade as degrade_lib
 from idenc_jax.data.prepare import center_crop_resize
-from idenc_jax.diffusion import samplers
+from idenc_jax.diffusion import consistency, samplers
 from idenc_jax.train import checkpoint as ckpt_lib
 
 
@@ -79,6 +84,15 @@ class Restorer:
                          f'{config.stage2.task!r}, token_resolution {config.stage2.token_resolution}); pass '
                          'the config it was trained with.')
     self._tokens = jax.jit(lambda p, c: cond_encoder.apply({'params': p}, c))
+    deg = self.degradation
+    self._projector = None   # built on first use: SR with bicubic conditions has none
+    self._projector_args = (deg.task, deg.sr_factor, deg.upsample)
+
+  def projector(self) -> consistency.Projector:
+    """This task's data-consistency projection fn(x0, condition) (one object, so compiled samplers are reused)."""
+    if self._projector is None:
+      self._projector = consistency.projector(*self._projector_args)
+    return self._projector
 
   @classmethod
   def from_workdir(cls, config, workdir: str) -> 'Restorer':
@@ -130,25 +144,13 @@ class Restorer:
     return sampling.to_uint8(np.asarray(conditions)[..., :3])
 
   def project(self, images: np.ndarray, conditions: np.ndarray) -> np.ndarray:
-    """Data consistency after sampling (an option; the model alone does not do it): the restored images
-    with what the input fixes put back. sr: each factor x factor block's mean replaced by the low-res pixel
-    (x + up(low - down(x)); needs sr_upsample='nearest', whose condition holds the low-res pixels exactly);
-    inpaint: the known pixels copied from the input. uint8 images [N, ..., R, R, 3] (conditions [N, R, R, C],
-    broadcast over the middle axes) -> uint8, same shape."""
-    deg = self.degradation
+    """Data consistency after sampling: the restored images with what the input fixes put back (sr: each
+    factor x factor block's mean replaced by the low-res pixel; inpaint: the known pixels copied from the
+    input). uint8 images [N, ..., R, R, 3] (conditions [N, R, R, C], broadcast over the middle axes) -> uint8."""
     x = degrade_lib.to_float(images)
     c = np.asarray(conditions, np.float32).reshape((len(conditions),) + (1,) * (x.ndim - 4) + conditions.shape[1:])
-    if deg.task == 'sr':
-      if deg.upsample != 'nearest':
-        raise ValueError("project() recovers the low-res input from nearest-upsampled conditions; "
-                         "config.stage2.sr_upsample must be 'nearest'.")
-      flat = x.reshape((-1,) + x.shape[-3:])
-      cc = np.broadcast_to(c, x.shape[:-1] + (c.shape[-1],)).reshape((-1,) + x.shape[-3:])
-      low = degrade_lib.downsample_area(cc, deg.sr_factor) - degrade_lib.downsample_area(flat, deg.sr_factor)
-      out = (flat + degrade_lib.upsample_nearest(low, deg.sr_factor)).reshape(x.shape)
-    else:
-      out = np.where(c[..., 3:] > 0.5, x, c[..., :3])
-    return sampling.to_uint8(np.clip(out, -1.0, 1.0))
+    out = self.projector()(jnp.asarray(x), jnp.asarray(c))
+    return sampling.to_uint8(np.clip(np.asarray(out), -1.0, 1.0))
 
   def tokens(self, conditions: np.ndarray) -> np.ndarray:
     c = np.asarray(conditions, np.float32)
@@ -159,10 +161,11 @@ class Restorer:
 
   # ---- Restoration. ----
   def restore_batch(self, zs: np.ndarray, conditions: np.ndarray, num: int = 1, *, sampler: str = 'ddim',
-                    steps: int | None = 50, eta: float = 0.0, seed: int = 0,
+                    steps: int | None = 50, eta: float = 0.0, seed: int = 0, consistent: bool = False,
                     max_images_per_call: int = 64) -> np.ndarray:
     """Condition i restored with identity zs[i]: zs [N, D], conditions [N, R, R, C] -> uint8
-    [N, num, R, R, 3]. Row i uses seed `seed + i`, whatever the chunking."""
+    [N, num, R, R, 3]. Row i uses seed `seed + i`, whatever the chunking. consistent: data consistency
+    inside the sampler (module docstring)."""
     zs = np.asarray(zs, np.float32)
     conditions = np.asarray(conditions, np.float32)
     n = len(zs)
@@ -172,8 +175,9 @@ class Restorer:
     out = []
     for start in range(0, n, chunk):   # equal chunks (the last padded): one compiled sampler serves all
       idx = np.minimum(np.arange(start, start + chunk), n - 1)
+      dc = dict(project=self.projector(), conditions=conditions[idx]) if consistent else {}
       imgs = self.personalizer.generate_batch(zs[idx], num, sampler=sampler, steps=steps, eta=eta,
-                                              seeds=seed + idx, context=self.tokens(conditions[idx]))
+                                              seeds=seed + idx, context=self.tokens(conditions[idx]), **dc)
       out.append(imgs[:min(chunk, n - start)])
     return np.concatenate(out)
 
@@ -214,7 +218,8 @@ def restore_from_config(config, workdir: str) -> dict:
   if refs is not None:
     z = restorer.personalizer.embed(refs, align=False)
   steps = samplers.num_steps_from_config(s.sampler, s.steps, config.diffusion.timesteps)
-  restored = restorer.restore(z, cond, s.num, sampler=s.sampler, steps=steps, eta=s.eta, seed=s.seed)[0]
+  restored = restorer.restore(z, cond, s.num, sampler=s.sampler, steps=steps, eta=s.eta, seed=s.seed,
+                              consistent=s.consistent)[0]
 
   os.makedirs(out_dir, exist_ok=True)
   paths = {'restored': []}

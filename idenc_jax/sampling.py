@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idenc_jax import losses
-from idenc_jax.diffusion import samplers, schedules
+from idenc_jax.diffusion import consistency, samplers, schedules
 
 
 def embed_references(encoder, encoder_params, references: jax.Array) -> jax.Array:
@@ -18,10 +18,13 @@ def embed_references(encoder, encoder_params, references: jax.Array) -> jax.Arra
 
 def generate(generator, generator_params, schedule: schedules.NoiseSchedule, z: jax.Array | None,
              rng: jax.Array, *, num: int, sampler: str = 'ddim', num_steps: int = 50, eta: float = 0.0,
-             start_t: int | None = None, context: jax.Array | None = None, clip: bool = True) -> jax.Array:
+             start_t: int | None = None, context: jax.Array | None = None, clip: bool = True,
+             condition: jax.Array | None = None, project: consistency.Projector | None = None) -> jax.Array:
   """num images of one identity: z [D] (or None for the unconditional generator) -> [num, R, R, 3].
 
   start_t: the sampler's first timestep (None: T - 1; see `samplers`, `config.diffusion.sample_start_t`).
+  context: stage-2 condition tokens [L, C]. project, condition: data consistency (`diffusion.consistency`),
+  every denoised estimate replaced by project(x0_hat, condition), condition [R, R, C] the degraded input.
   """
   r = generator.resolution
   rng_x, rng_s = jax.random.split(rng)
@@ -29,6 +32,10 @@ def generate(generator, generator_params, schedule: schedules.NoiseSchedule, z: 
   z_b = None if z is None else jnp.broadcast_to(z, (num,) + z.shape[-1:])
   ctx = None if context is None else jnp.broadcast_to(context, (num,) + context.shape[-2:])
   eps_fn = lambda x, t: generator.apply({'params': generator_params}, x, t, z_b, ctx)
+  if project is not None:
+    if condition is None:
+      raise ValueError('Data consistency needs the degraded input (condition).')
+    eps_fn = consistency.consistent_eps_fn(eps_fn, schedule, lambda x0: project(x0, condition), clip=clip)
   out = samplers.sample(sampler, eps_fn, schedule, x_T, num_steps=num_steps, eta=eta, start_t=start_t,
                         rng=rng_s if sampler != 'dpmpp' else None, clip_denoised=clip)
   return jnp.clip(out, -1.0, 1.0) if clip else out
