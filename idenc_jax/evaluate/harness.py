@@ -123,7 +123,7 @@ def embed_eval_set(personalizer, eval_set: EvalSet) -> np.ndarray:
 
 def generate_for_eval(personalizer, zs: np.ndarray, num: int, *, sampler: str, steps: int | None, seed: int,
                       max_images_per_call: int = 64, context: np.ndarray | None = None,
-                      generator_params: Any = None) -> np.ndarray:
+                      generator_params: Any = None, eta: float = 0.0) -> np.ndarray:
   """`num` images per embedding zs [I, D] -> uint8 [I, num, res, res, 3]; identity i uses seed `seed + i`.
 
   Identities go through in chunks of equal size (the last padded), so one compiled sampler serves all.
@@ -134,7 +134,7 @@ def generate_for_eval(personalizer, zs: np.ndarray, num: int, *, sampler: str, s
   for start in range(0, n_ids, chunk):
     idx = np.minimum(np.arange(start, start + chunk), n_ids - 1)   # pad by repeating the last identity
     ctx = None if context is None else context[idx]
-    imgs = personalizer.generate_batch(zs[idx], num, sampler=sampler, steps=steps, seeds=seed + idx,
+    imgs = personalizer.generate_batch(zs[idx], num, sampler=sampler, steps=steps, eta=eta, seeds=seed + idx,
                                        context=ctx, generator_params=generator_params)
     out.append(imgs[:min(chunk, n_ids - start)])
   return np.concatenate(out)
@@ -345,14 +345,14 @@ def _samples_grid(eval_set: EvalSet, generated: np.ndarray, max_rows: int = 8) -
 # --mode=eval.
 # ---------------------------------------------------------------------------------------------------------
 def run_protocol(config, personalizer, eval_set: EvalSet, evaluator: Evaluator, *, sampler: str,
-                 steps: int | None, generator_params: Any = None, zs: np.ndarray | None = None
-                 ) -> tuple[dict[str, Any], np.ndarray]:
+                 steps: int | None, generator_params: Any = None, zs: np.ndarray | None = None,
+                 eta: float = 0.0) -> tuple[dict[str, Any], np.ndarray]:
   """Embeds, generates G images per identity and measures them: (metrics + timings, generated)."""
   t0 = time.perf_counter()
   zs = embed_eval_set(personalizer, eval_set) if zs is None else zs
   t1 = time.perf_counter()
   gen = generate_for_eval(personalizer, zs, config.eval.num_generated, sampler=sampler, steps=steps,
-                          seed=config.seed, generator_params=generator_params)
+                          seed=config.seed, generator_params=generator_params, eta=eta)
   t2 = time.perf_counter()
   m = evaluator.metrics(gen)
   m.update(embed_seconds=t1 - t0, sample_seconds=t2 - t1, metric_seconds=time.perf_counter() - t2)
@@ -378,7 +378,8 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   T = config.diffusion.timesteps
   main_steps = samplers.num_steps_from_config(ev.sampler, ev.steps, T)
   zs = embed_eval_set(p, eval_set)
-  metrics, gen = run_protocol(config, p, eval_set, evaluator, sampler=ev.sampler, steps=main_steps, zs=zs)
+  metrics, gen = run_protocol(config, p, eval_set, evaluator, sampler=ev.sampler, steps=main_steps, zs=zs,
+                              eta=ev.eta)
   logging.info('eval (%s, %s steps): %s', ev.sampler, ev.steps,
                {k: metrics[k] for k in METRICS + EXTRAS if metrics.get(k) is not None})
 
@@ -393,7 +394,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   metrics['sweep'] = sweep
   metrics['settings'] = {
       'workdir': os.path.abspath(workdir), 'checkpoint_step': step, 'parameters': 'ema',
-      'sampler': ev.sampler, 'steps': main_steps or p.start_t + 1, 'sample_start_t': p.start_t, 'eta': 0.0,
+      'sampler': ev.sampler, 'steps': main_steps or p.start_t + 1, 'sample_start_t': p.start_t, 'eta': ev.eta,
       'num_references': ev.num_references,
       'num_generated': ev.num_generated, 'num_identities': len(eval_set),
       'identities_skipped_too_few_images': eval_set.num_skipped,

@@ -12,6 +12,9 @@ Rows (all compared with the same ground truths and held-out real images):
                   the known pixels of the input put back), a post-processing option, not the paper's method;
   wrong_identity  the same model and conditions with the references of another identity (identity i gets
                   identity (i + 1) mod I's embedding): how much of the result comes from the references;
+  consistent, consistent_wrong_identity  the two rows above sampled with data consistency inside the
+                  sampler (`diffusion.consistency`: every denoised estimate keeps the input's block means or
+                  known pixels), an option, not the paper's method;
   baseline        no model: the low-resolution input bicubic-upsampled (sr) or the masked input with a grey
                   hole (inpaint).
 Metrics per row: every `harness.Evaluator` metric (LPIPS-Alex against the ground truth, ID score, Frechet
@@ -19,7 +22,8 @@ distances / FID against the held-out real images, the synthetic oracle's identit
 identity), plus pixel errors against the ground truth in [-1, 1] units: `pixel_mse`, `psnr` (peak-to-peak 2),
 and for inpainting `hole_mse` (inside the hole only).
 Writes WORKDIR/eval/metrics.json (the restored row's metrics at top level, as the harness does, and
-`rows` with all three), eval/metrics.md and eval/samples.png (references | truth | input | restored | wrong).
+`rows` with every row), eval/metrics.md and eval/samples.png (references | truth | input | restored | wrong
+[| consistent]).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import numpy as np
 
 from idenc_jax.evaluate import harness
 
-ROWS = ('restored', 'restored_projected', 'wrong_identity', 'baseline')
+ROWS = ('restored', 'restored_projected', 'wrong_identity', 'consistent', 'consistent_wrong_identity', 'baseline')
 TABLE = ('lpips', 'pixel_mse', 'psnr', 'hole_mse', 'oracle_id_accuracy', 'oracle_distance', 'oracle_fd',
          'id_score', 'fd_face', 'fid')
 
@@ -110,16 +114,18 @@ def evaluate_restoration(config, workdir: str, *, restorer=None, max_identities:
   holes = conditions[..., 3] > 0.5 if deg.task == 'inpaint' else None
   zs = harness.embed_eval_set(restorer.personalizer, eval_set)
   steps = samplers.num_steps_from_config(ev.sampler, ev.steps, config.diffusion.timesteps)
-  kw = dict(sampler=ev.sampler, steps=steps, seed=config.seed)
+  kw = dict(sampler=ev.sampler, steps=steps, eta=ev.eta, seed=config.seed)
+  right, wrong = np.repeat(zs, g, axis=0), np.repeat(np.roll(zs, -1, axis=0), g, axis=0)
   t0 = time.time()
   images = {
-      'restored': restorer.restore_batch(np.repeat(zs, g, axis=0), conditions, **kw)[:, 0],
-      'wrong_identity': restorer.restore_batch(np.repeat(np.roll(zs, -1, axis=0), g, axis=0), conditions,
-                                               **kw)[:, 0],
+      'restored': restorer.restore_batch(right, conditions, **kw)[:, 0],
+      'wrong_identity': restorer.restore_batch(wrong, conditions, **kw)[:, 0],
       'baseline': baseline_images(deg, conditions),
   }
-  if deg.task == 'inpaint' or deg.upsample == 'nearest':
+  if deg.task == 'inpaint' or deg.upsample == 'nearest':   # SR's projection reads nearest-upsampled inputs
     images['restored_projected'] = restorer.project(images['restored'], conditions)
+    images['consistent'] = restorer.restore_batch(right, conditions, consistent=True, **kw)[:, 0]
+    images['consistent_wrong_identity'] = restorer.restore_batch(wrong, conditions, consistent=True, **kw)[:, 0]
   sample_seconds = time.time() - t0
   evaluator = harness.Evaluator(config, eval_set)
   rows = {}
@@ -133,8 +139,8 @@ def evaluate_restoration(config, workdir: str, *, restorer=None, max_identities:
   metrics['rows'] = rows
   metrics['settings'] = {
       'task': deg.task, 'workdir': os.path.abspath(workdir), 'checkpoint_step': _step(workdir),
-      'parameters': 'ema', 'sampler': ev.sampler, 'steps': steps or restorer.personalizer.start_t + 1,
-      'sample_start_t': restorer.personalizer.start_t,
+      'parameters': 'ema', 'sampler': ev.sampler, 'eta': ev.eta,
+      'steps': steps or restorer.personalizer.start_t + 1, 'sample_start_t': restorer.personalizer.start_t,
       'num_references': ev.num_references, 'restorations_per_identity': g, 'num_identities': n_id,
       'sr_factor': deg.sr_factor if deg.task == 'sr' else None, 'sr_upsample': deg.upsample,
       'mask_side': deg.side if deg.task == 'inpaint' else None, 'resolution': config.model.resolution,
@@ -151,7 +157,9 @@ def evaluate_restoration(config, workdir: str, *, restorer=None, max_identities:
   shown = restorer.show(conditions).reshape(truth.shape)
   restored = images['restored'].reshape(truth.shape)
   wrong = images['wrong_identity'].reshape(truth.shape)
-  grid_rows = [np.concatenate([eval_set.references[i], truth[i, :1], shown[i, :1], restored[i, :1], wrong[i, :1]])
+  dc = images['consistent'].reshape(truth.shape) if 'consistent' in images else None
+  grid_rows = [np.concatenate([eval_set.references[i], truth[i, :1], shown[i, :1], restored[i, :1], wrong[i, :1]]
+                              + ([] if dc is None else [dc[i, :1]]))
                for i in range(min(n_id, 8))]
   Image.fromarray(sampling.image_grid(grid_rows)).save(os.path.join(out, 'samples.png'))
   logging.info('Wrote %s/metrics.json', out)
