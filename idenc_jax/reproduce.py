@@ -3,8 +3,10 @@
 For each dataset (synthetic identities; optionally the real faces of celeba_id128, prepared at the run's
 resolution) and each Table 3 variant (diffae, avg, multitask, full; see configs/base.py), the script trains
 the variant with the project's trainer, evaluates it with the harness (`--mode=eval` protocol), runs the
-sampler sweep (quality against steps) and the fine-tuning baseline on the full method, and writes
-OUT/results.json, OUT/tables.md. Finished pieces are reused, so a stopped run resumes where it left off.
+sampler sweep (quality against steps) and the fine-tuning baseline on the full method, trains stage 2
+(super-resolution, inpainting) on the full method and evaluates it against ground truth (Table 1's
+conditional columns, `evaluate/restoration.py`), and writes OUT/results.json, OUT/tables.md. Finished
+pieces are reused, so a stopped run resumes where it left off.
 
 Every scale choice is a flag and lands in the results:
   python -m idenc_jax.reproduce --out=/tmp/repro --base=tiny --resolution=16 --steps=400 \
@@ -50,6 +52,9 @@ _SWEEP = flags.DEFINE_string('sweep', 'ddim:10,ddim:25,ddim:50,dpmpp:10,dpmpp:25
 _FT_STEPS = flags.DEFINE_integer('finetune_steps', 100, 'Fine-tuning baseline: steps per identity.')
 _FT_LR = flags.DEFINE_float('finetune_learning_rate', 2e-4, 'Fine-tuning baseline: generator learning rate.')
 _FT_IDS = flags.DEFINE_integer('finetune_identities', 4, 'Fine-tuning baseline: identities personalized.')
+_TASKS = flags.DEFINE_list('restoration_tasks', ['sr', 'inpaint'], 'Stage-2 tasks trained on the full method '
+                           '(Table 1\'s conditional columns); empty to skip.')
+_TASK_STEPS = flags.DEFINE_integer('restoration_steps', 300, 'Stage-2 training steps per task.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of data, initialisation and sampling.')
 
 ROW_NAMES = {'diffae': 'DiffAE', 'avg': '+ average embedding', 'multitask': '+ multi-task',
@@ -59,6 +64,11 @@ PAPER_TABLE3 = {'diffae': (0.135, 118.0), 'avg': (0.146, 102.2), 'multitask': (0
                 'full': (0.119, 92.9)}
 PAPER_TABLE1 = {'DiffAE': (0.135, 118.0, 0.028), 'MyStyle (fine-tuning)': (0.117, 214.9, 0.027),
                 'Ours': (0.119, 92.9, 0.115)}
+# Paper Table 1, conditional columns (Ours): ID / FID / LPIPS.
+PAPER_RESTORATION = {'sr': (0.118, 98.6, 0.146), 'inpaint': (0.110, 94.0, 0.125)}
+RESTORATION_ROWS = {'consistent': 'ours, data-consistent sampling', 'restored': 'ours, model alone',
+                    'consistent_wrong_identity': 'wrong identity (data-consistent)',
+                    'baseline': 'input alone (bicubic / grey hole)'}
 
 
 def make_config(variant: str, dataset: str, prepared: str | None):
@@ -89,6 +99,10 @@ def make_config(variant: str, dataset: str, prepared: str | None):
   e.num_references, e.num_generated = _NUM_REFS.value, _NUM_GEN.value
   e.sampler, e.steps = _EVAL_SAMPLER.value, _EVAL_STEPS.value
   e.sweep = _SWEEP.value if variant == 'full' else ''
+  if c.stage == 2:   # a restoration task on the full method of the same dataset
+    c.init_from = os.path.join(os.path.abspath(_OUT.value), dataset, 'full')
+    t.num_steps = t.checkpoint_every = _TASK_STEPS.value
+    t.log_every = max(1, min(50, _TASK_STEPS.value // 10))
   c.finetune.steps, c.finetune.learning_rate = _FT_STEPS.value, _FT_LR.value
   c.finetune.num_identities = _FT_IDS.value
   return c
@@ -115,7 +129,6 @@ def _finished(workdir: str, steps: int) -> bool:
 
 def run_dataset(dataset: str, out: str) -> dict:
   from idenc_jax import finetune  # pylint: disable=import-outside-toplevel
-  from idenc_jax.evaluate import harness  # pylint: disable=import-outside-toplevel
   from idenc_jax.train import loop  # pylint: disable=import-outside-toplevel
   prepared = prepare_celeba(out) if dataset == 'celeba' else None
   results = {'variants': {}, 'timings': {}}
@@ -126,12 +139,7 @@ def run_dataset(dataset: str, out: str) -> dict:
     if not _finished(workdir, config.train.num_steps):
       loop.train_and_evaluate(config, workdir)
     t1 = time.time()
-    metrics_path = os.path.join(workdir, 'eval', 'metrics.json')
-    if os.path.exists(metrics_path):
-      with open(metrics_path) as f:
-        metrics = json.load(f)
-    else:
-      metrics = harness.evaluate(config, workdir)
+    metrics = _evaluated(config, workdir)
     results['variants'][variant] = metrics
     results['timings'][variant] = {'train_seconds': t1 - t0, 'eval_seconds': time.time() - t1}
     logging.info('%s/%s done: train %.0f s, eval %.0f s', dataset, variant, t1 - t0, time.time() - t1)
@@ -146,7 +154,25 @@ def run_dataset(dataset: str, out: str) -> dict:
     else:
       results['finetune'] = finetune.compare(config, workdir)
     _write(out, dataset, results)
+    results['restoration'] = {}
+    for task in _TASKS.value:
+      config = make_config(task, dataset, prepared)
+      workdir = os.path.join(out, dataset, f'full_{task}')
+      if not _finished(workdir, config.train.num_steps):
+        loop.train_and_evaluate(config, workdir)
+      results['restoration'][task] = _evaluated(config, workdir)
+      _write(out, dataset, results)
   return results
+
+
+def _evaluated(config, workdir: str) -> dict:
+  """WORKDIR/eval/metrics.json when an earlier (stopped) run wrote it, else a fresh evaluation."""
+  from idenc_jax.evaluate import harness  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, 'eval', 'metrics.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return harness.evaluate(config, workdir)
 
 
 def _row(metrics: dict, keys: list[str]) -> dict:
@@ -186,6 +212,15 @@ def tables_markdown(dataset: str, results: dict) -> str:
                                      ['personalize_seconds', 'compile_seconds'] + cols, first='method'), '',
               f'Personalizing with the encoder is {ft["speedup_encoder_vs_finetune"]:.0f}x faster than fine-tuning '
               f'({ft["settings"]["finetune"]["steps"]} steps) on this machine (paper: up to 29x).', '']
+  for task, m in (results.get('restoration') or {}).items():
+    rcols = ['lpips', 'pixel_mse', 'oracle_id_accuracy', 'oracle_fd', 'id_score', 'fd_face', 'fid']
+    rows = [dict(_row(m['rows'][name], rcols), row=label) for name, label in RESTORATION_ROWS.items()
+            if name in m['rows']]
+    paper = PAPER_RESTORATION.get(task)
+    st = m['settings']
+    lines += [f'### Table 1: {"super-resolution" if task == "sr" else "inpainting"} (stage 2, '
+              f'{st["checkpoint_step"]} steps; paper, ours at 128 px: ID / FID / LPIPS {paper})', '',
+              harness.markdown_table(rows, rcols, first='row'), '']
   sweep = v.get('full', {}).get('sweep') or []
   if sweep:
     lines += ['### Quality against sampling steps (ours)', '',
@@ -201,6 +236,7 @@ def _scale() -> dict:
           'images_per_identity': _IMAGES_PER_ID.value, 'num_references': _NUM_REFS.value,
           'num_generated': _NUM_GEN.value, 'eval_sampler': f'{_EVAL_SAMPLER.value}:{_EVAL_STEPS.value}',
           'finetune_steps': _FT_STEPS.value, 'finetune_identities': _FT_IDS.value, 'seed': _SEED.value,
+          'restoration_tasks': _TASKS.value, 'restoration_steps': _TASK_STEPS.value,
           'machine': f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}',
           'command': ' '.join(sys.argv)}
 
