@@ -116,7 +116,8 @@ def compare(config, workdir: str, *, num_identities: int | None = None, write: b
   subset = full.subset(range(min(k, len(full))))
   evaluator = harness.Evaluator(config, subset, gallery=full)
   refs = [jnp.asarray(r, jnp.float32) / 127.5 - 1.0 for r in subset.references]
-  steps = samplers.num_steps_from_config(ev.sampler, ev.steps, config.diffusion.timesteps)
+  steps = samplers.num_steps_from_config(ev.sampler, ev.steps, config.diffusion.timesteps,
+                                         config.diffusion.sample_start_t)
 
   # Each way is timed per identity after a warm-up call on the first identity, whose extra time over a
   # timed call is reported as compile time.

@@ -364,7 +364,8 @@ def sample_from_config(config, workdir: str) -> dict:
   p = Personalizer.from_workdir(config, workdir)
   if refs is not None:
     z = p.embed(refs, align=False)   # already aligned and resized
-  steps = samplers.num_steps_from_config(s.sampler, s.steps, config.diffusion.timesteps)
+  steps = samplers.num_steps_from_config(s.sampler, s.steps, config.diffusion.timesteps,
+                                         config.diffusion.sample_start_t)
   samples = p.generate(z, s.num, sampler=s.sampler, steps=steps, eta=s.eta, seed=s.seed)
   paths = write_outputs(out_dir, samples, z, refs)
   logging.info('Wrote %d samples (%s, %s steps, seed %d) from %s to %s.', s.num, s.sampler, s.steps, s.seed,

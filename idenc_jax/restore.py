@@ -217,7 +217,8 @@ def restore_from_config(config, workdir: str) -> dict:
     cond = restorer.condition_from_input(image, s.mask)[None]
   if refs is not None:
     z = restorer.personalizer.embed(refs, align=False)
-  steps = samplers.num_steps_from_config(s.sampler, s.steps, config.diffusion.timesteps)
+  steps = samplers.num_steps_from_config(s.sampler, s.steps, config.diffusion.timesteps,
+                                         config.diffusion.sample_start_t)
   restored = restorer.restore(z, cond, s.num, sampler=s.sampler, steps=steps, eta=s.eta, seed=s.seed,
                               consistent=s.consistent)[0]
 

@@ -127,6 +127,7 @@ def test_id_score_on_real_faces_own_identity_beats_other():
 def test_parse_sweep():
   assert harness.parse_sweep('ddim:10, dpmpp:5,ddpm:100', 100) == [('ddim', 10), ('dpmpp', 5), ('ddpm', None)]
   assert harness.parse_sweep('', 100) == []
+  assert harness.parse_sweep('ddpm:60,ddpm:50', 100, 59) == [('ddpm', None), ('ddpm', 50)]
   for bad in ('ddim', 'euler:10', 'ddim:0', 'ddim:101'):
     with pytest.raises(ValueError, match='config.eval.sweep'):
       harness.parse_sweep(bad, 100)

@@ -381,6 +381,11 @@ def test_num_steps_from_config():
   assert samplers.num_steps_from_config('ddpm', 999, 1000) == 999
   assert samplers.num_steps_from_config('ddim', 1000, 1000) == 1000
   assert samplers.num_steps_from_config('dpmpp', 25, 1000) == 25
+  # From start_t = 960 there are 961 timesteps: 961 or more ddpm steps mean all of them.
+  assert samplers.num_steps_from_config('ddpm', 961, 1000, 960) is None
+  assert samplers.num_steps_from_config('ddpm', 980, 1000, 960) is None
+  assert samplers.num_steps_from_config('ddpm', 960, 1000, 960) == 960
+  assert samplers.num_steps_from_config('ddpm', 999, 1000, -1) == 999
 
 
 def test_bad_arguments():

@@ -82,10 +82,11 @@ def timestep_subsequence(schedule: NoiseSchedule, num_steps: int, spacing: str =
   return _strictly_decreasing(np.floor(ts + 0.5), start)
 
 
-def num_steps_from_config(name: str, steps: int, timesteps: int) -> int | None:
-  """A config's step count -> the samplers' num_steps: None (every timestep from the start) for 'ddpm'
-  asked for T or more steps, as the paper's 1000-step sampler; otherwise `steps` as given."""
-  return None if name == 'ddpm' and steps >= timesteps else steps
+def num_steps_from_config(name: str, steps: int, timesteps: int, start_t: int | None = None) -> int | None:
+  """A config's step count -> the samplers' num_steps: None (every timestep from start_t down) for 'ddpm'
+  asked for at least that many (start_t + 1) steps, e.g. the paper's 1000 with start_t = T - 1 (None or
+  -1); otherwise `steps` as given."""
+  return None if name == 'ddpm' and steps >= check_start_t(start_t, timesteps) + 1 else steps
 
 
 def check_start_t(start_t: int | None, timesteps: int) -> int:

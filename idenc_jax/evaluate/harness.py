@@ -140,8 +140,9 @@ def generate_for_eval(personalizer, zs: np.ndarray, num: int, *, sampler: str, s
   return np.concatenate(out)
 
 
-def parse_sweep(spec: str, timesteps: int) -> list[tuple[str, int | None]]:
-  """'ddim:10,dpmpp:25,ddpm:1000' -> [(sampler, steps)]; ddpm with T steps becomes (ddpm, None)."""
+def parse_sweep(spec: str, timesteps: int, start_t: int | None = None) -> list[tuple[str, int | None]]:
+  """'ddim:10,dpmpp:25,ddpm:1000' -> [(sampler, steps)]; ddpm with at least start_t + 1 steps (T when
+  start_t is None or -1) becomes (ddpm, None): every timestep from start_t."""
   from idenc_jax.diffusion import samplers  # pylint: disable=import-outside-toplevel
   out = []
   for item in [s.strip() for s in (spec or '').split(',') if s.strip()]:
@@ -149,7 +150,7 @@ def parse_sweep(spec: str, timesteps: int) -> list[tuple[str, int | None]]:
     if name not in samplers.SAMPLERS or not steps.isdigit() or not 1 <= int(steps) <= timesteps:
       raise ValueError(f'config.eval.sweep entry {item!r} is not sampler:steps with sampler in '
                        f'{list(samplers.SAMPLERS)} and 1 <= steps <= {timesteps}.')
-    out.append((name, samplers.num_steps_from_config(name, int(steps), timesteps)))
+    out.append((name, samplers.num_steps_from_config(name, int(steps), timesteps, start_t)))
   return out
 
 
@@ -376,7 +377,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
   eval_set = load_eval_set(config)
   evaluator = Evaluator(config, eval_set)
   T = config.diffusion.timesteps
-  main_steps = samplers.num_steps_from_config(ev.sampler, ev.steps, T)
+  main_steps = samplers.num_steps_from_config(ev.sampler, ev.steps, T, config.diffusion.sample_start_t)
   zs = embed_eval_set(p, eval_set)
   metrics, gen = run_protocol(config, p, eval_set, evaluator, sampler=ev.sampler, steps=main_steps, zs=zs,
                               eta=ev.eta)
@@ -384,7 +385,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
                {k: metrics[k] for k in METRICS + EXTRAS if metrics.get(k) is not None})
 
   sweep = []
-  for name, steps in parse_sweep(ev.sweep, T):
+  for name, steps in parse_sweep(ev.sweep, T, config.diffusion.sample_start_t):
     m, _ = run_protocol(config, p, eval_set, evaluator, sampler=name, steps=steps, zs=zs)
     row = {'sampler': name, 'steps': steps or p.start_t + 1, 'model_calls': steps or p.start_t + 1}
     row.update({k: m.get(k) for k in METRICS + EXTRAS + ('sample_seconds',)})

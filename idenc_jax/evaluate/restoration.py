@@ -113,7 +113,8 @@ def evaluate_restoration(config, workdir: str, *, restorer=None, max_identities:
   conditions = restorer.degrade(flat_truth, seed=config.seed)
   holes = conditions[..., 3] > 0.5 if deg.task == 'inpaint' else None
   zs = harness.embed_eval_set(restorer.personalizer, eval_set)
-  steps = samplers.num_steps_from_config(ev.sampler, ev.steps, config.diffusion.timesteps)
+  steps = samplers.num_steps_from_config(ev.sampler, ev.steps, config.diffusion.timesteps,
+                                         config.diffusion.sample_start_t)
   kw = dict(sampler=ev.sampler, steps=steps, eta=ev.eta, seed=config.seed)
   right, wrong = np.repeat(zs, g, axis=0), np.repeat(np.roll(zs, -1, axis=0), g, axis=0)
   t0 = time.time()
