@@ -2,6 +2,8 @@
 parameters bit-identical after training (EMA included), new parameters trained, leave-one-out identity
 embeddings against a numpy loop, and the input pipeline's condition arrays against numpy."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -376,3 +378,37 @@ def test_restorer_samples_with_and_without_data_consistency(setup):
   want = np.broadcast_to(clean[:, None], dc.shape)
   assert np.abs(dc[known].astype(int) - want[known]).max() <= 1
   assert np.abs(free[known].astype(int) - want[known]).max() > 10
+
+
+def test_sample_mode_restores_a_photo_consistently(setup, tmp_path):
+  """`--mode=sample` on a stage-2 config: restored PNGs, the input, the grid and the embedding are written;
+  with the stage-2 default (data-consistent sampling) the known pixels of every restoration are the input's."""
+  from PIL import Image
+  from idenc_jax import restore
+  from test_personalize import save_checkpoint   # pylint: disable=import-outside-toplevel
+  config, _, params = setup
+  workdir = str(tmp_path / 'stage2')
+  save_checkpoint(config, params, workdir)
+  c = config.copy_and_resolve_references()
+  assert c.sample.consistent
+  rng = np.random.default_rng(11)
+  os.makedirs(tmp_path / 'refs')
+  for i in range(2):
+    Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(tmp_path / 'refs' / f'{i}.png')
+  Image.fromarray(rng.integers(0, 256, (R, R, 3), dtype=np.uint8)).save(tmp_path / 'clean.png')
+  c.sample.refs, c.sample.condition = str(tmp_path / 'refs'), str(tmp_path / 'clean.png')
+  c.sample.condition_is_clean = True
+  c.sample.num, c.sample.steps, c.sample.out = 2, 3, str(tmp_path / 'out')
+  paths = restore.restore_from_config(c, workdir)
+  assert len(paths['restored']) == 2 and all(os.path.exists(p) for p in paths['restored'])
+  for key in ('input', 'grid', 'embedding'):
+    assert os.path.exists(paths[key]), key
+  shown = np.asarray(Image.open(paths['input']))
+  known = (shown != 128).any(axis=-1)   # the hole is grey; known pixels that happen to be grey are left out
+  assert known.sum() > R * R // 3
+  for p in paths['restored']:
+    out = np.asarray(Image.open(p)).astype(int)
+    assert np.abs(out[known] - shown[known]).max() <= 1
+  c.sample.condition = None
+  with pytest.raises(ValueError, match='config.sample.condition is not set'):
+    restore.restore_from_config(c, workdir)
