@@ -27,7 +27,8 @@ image whose hole is its alpha channel (alpha < 128 = missing) or the white pixel
 `sample.condition_is_clean` it is a clean photo (largest centred square, resized to R) that is degraded here
 (the inpainting hole placed by `sample.seed`). Writes OUT/restored_NNN.png, OUT/input.png (the degraded input
 at full size, hole grey), OUT/grid.png (references | input | restored, then the clean image when given) and
-OUT/embedding.npy; OUT defaults to WORKDIR/restored.
+OUT/embedding.npy; OUT defaults to WORKDIR/restored. `sample.consistent` (True in the stage-2 configs, with
+`sample.eta` = 1) samples with data consistency.
 """
 
 from __future__ import annotations
