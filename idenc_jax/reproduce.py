@@ -82,10 +82,11 @@ def make_config(variant: str, dataset: str, prepared: str | None):
   c.model.resolution = _RESOLUTION.value
   c.diffusion.timesteps = _TIMESTEPS.value
   t = c.train
-  t.num_steps, t.batch_size, t.learning_rate, t.warmup_steps = _STEPS.value, _BATCH.value, _LR.value, _WARMUP.value
-  t.checkpoint_every = _STEPS.value
+  steps = _TASK_STEPS.value if c.stage == 2 else _STEPS.value
+  t.num_steps, t.batch_size, t.learning_rate, t.warmup_steps = steps, _BATCH.value, _LR.value, _WARMUP.value
+  t.checkpoint_every = steps
   t.ema_decay = _EMA.value
-  t.log_every = max(1, min(50, _STEPS.value // 10))
+  t.log_every = max(1, min(50, steps // 10))
   t.sample_every = 0
   c.loss.curriculum_steps = max(1, _STEPS.value // 2)   # identity information mostly kept by mid-run
   if dataset == 'synthetic':
@@ -101,8 +102,6 @@ def make_config(variant: str, dataset: str, prepared: str | None):
   e.sweep = _SWEEP.value if variant == 'full' else ''
   if c.stage == 2:   # a restoration task on the full method of the same dataset
     c.init_from = os.path.join(os.path.abspath(_OUT.value), dataset, 'full')
-    t.num_steps = t.checkpoint_every = _TASK_STEPS.value
-    t.log_every = max(1, min(50, _TASK_STEPS.value // 10))
   c.finetune.steps, c.finetune.learning_rate = _FT_STEPS.value, _FT_LR.value
   c.finetune.num_identities = _FT_IDS.value
   return c

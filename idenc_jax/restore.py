@@ -33,6 +33,7 @@ OUT/embedding.npy; OUT defaults to WORKDIR/restored. `sample.consistent` (True i
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -85,15 +86,13 @@ class Restorer:
                          f'{config.stage2.task!r}, token_resolution {config.stage2.token_resolution}); pass '
                          'the config it was trained with.')
     self._tokens = jax.jit(lambda p, c: cond_encoder.apply({'params': p}, c))
-    deg = self.degradation
-    self._projector = None   # built on first use: SR with bicubic conditions has none
-    self._projector_args = (deg.task, deg.sr_factor, deg.upsample)
 
+  @functools.cached_property
   def projector(self) -> consistency.Projector:
-    """This task's data-consistency projection fn(x0, condition) (one object, so compiled samplers are reused)."""
-    if self._projector is None:
-      self._projector = consistency.projector(*self._projector_args)
-    return self._projector
+    """This task's data-consistency projection fn(x0, condition): built on first use (SR with bicubic
+    conditions has none), then one object, so the compiled samplers keyed on it are reused."""
+    deg = self.degradation
+    return consistency.projector(deg.task, deg.sr_factor, deg.upsample)
 
   @classmethod
   def from_workdir(cls, config, workdir: str) -> 'Restorer':
@@ -150,7 +149,7 @@ class Restorer:
     input). uint8 images [N, ..., R, R, 3] (conditions [N, R, R, C], broadcast over the middle axes) -> uint8."""
     x = degrade_lib.to_float(images)
     c = np.asarray(conditions, np.float32).reshape((len(conditions),) + (1,) * (x.ndim - 4) + conditions.shape[1:])
-    out = self.projector()(jnp.asarray(x), jnp.asarray(c))
+    out = self.projector(jnp.asarray(x), jnp.asarray(c))
     return sampling.to_uint8(np.clip(np.asarray(out), -1.0, 1.0))
 
   def tokens(self, conditions: np.ndarray) -> np.ndarray:
@@ -176,7 +175,7 @@ class Restorer:
     out = []
     for start in range(0, n, chunk):   # equal chunks (the last padded): one compiled sampler serves all
       idx = np.minimum(np.arange(start, start + chunk), n - 1)
-      dc = dict(project=self.projector(), conditions=conditions[idx]) if consistent else {}
+      dc = dict(project=self.projector, conditions=conditions[idx]) if consistent else {}
       imgs = self.personalizer.generate_batch(zs[idx], num, sampler=sampler, steps=steps, eta=eta,
                                               seeds=seed + idx, context=self.tokens(conditions[idx]), **dc)
       out.append(imgs[:min(chunk, n - start)])
