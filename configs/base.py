@@ -47,6 +47,10 @@ def _paper_config() -> config_dict.ConfigDict:
   # Convolution kernel gradients: 'xla' (XLA's own) or 'matmul' (one matmul per kernel tap; XLA:CPU runs
   # its kernel-gradient convolutions far below matmul speed). Same function, different schedule.
   m.conv_grad = 'xla'
+  # Group norms: 'flax' (nn.GroupNorm, then the AdaGN modulation and SiLU as separate ops) or 'fused'
+  # (one op with per-channel statistics and its own gradient that keeps no pre-SiLU activation;
+  # idenc_jax/models/layers.py). Same parameters, same function.
+  m.group_norm = 'flax'
 
   # ---- Identity encoder Enc (paper appendix A). ----------------------------------------------------------
   c.encoder = e = config_dict.ConfigDict()

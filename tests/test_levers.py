@@ -46,10 +46,10 @@ def _assert_model_close(reference, overrides, tol_loss, tol_grad):
 
 
 def test_float32_levers_keep_the_model_loss_and_gradients(reference):
-  """remat + fused attention + matmul kernel gradients: the same float32 function, up to the order of
+  """remat + fused attention + matmul kernel gradients + fused group norm: the same float32 function, up to the order of
   summation (each lever alone is checked per block below; one compile here keeps the suite fast)."""
   _assert_model_close(reference, {'model.remat': True, 'model.attention': 'fused',
-                                  'model.conv_grad': 'matmul'}, 1e-5, 1e-4)
+                                  'model.conv_grad': 'matmul', 'model.group_norm': 'fused'}, 1e-5, 1e-4)
 
 
 def test_bfloat16_keeps_the_model_loss_and_gradients(reference):
@@ -77,9 +77,10 @@ def _block_inputs(kind):
 
 def _block(kind, **levers):
   if kind == 'res':
-    conv_grad = levers.pop('conv_grad', 'xla')
+    conv_grad, group_norm = levers.pop('conv_grad', 'xla'), levers.pop('group_norm', 'flax')
     cls = block_cls(layers.ResBlock, levers.pop('remat', False))
-    return cls(24, num_groups=4, dtype=levers.pop('dtype', jnp.float32), conv_grad=conv_grad)
+    return cls(24, num_groups=4, dtype=levers.pop('dtype', jnp.float32), conv_grad=conv_grad,
+               group_norm=group_norm)
   cls = block_cls(layers.AttentionBlock, levers.pop('remat', False))
   return cls(num_heads=2, attention=levers.pop('attention', 'xla'), dtype=levers.pop('dtype', jnp.float32))
 
@@ -89,9 +90,12 @@ def _block(kind, **levers):
     ('attn', {'remat': True}, 1e-5),
     ('attn', {'attention': 'fused'}, 1e-5),
     ('res', {'conv_grad': 'matmul'}, 1e-5),
+    ('res', {'group_norm': 'fused'}, 1e-5),
     ('res', {'dtype': jnp.bfloat16}, 3e-2),
+    ('res', {'dtype': jnp.bfloat16, 'group_norm': 'fused'}, 3e-2),
     ('attn', {'dtype': jnp.bfloat16}, 3e-2),
-], ids=['remat_res', 'remat_attn', 'fused_attn', 'matmul_grad_res', 'bf16_res', 'bf16_attn'])
+], ids=['remat_res', 'remat_attn', 'fused_attn', 'matmul_grad_res', 'fused_norm_res', 'bf16_res',
+        'bf16_fused_norm_res', 'bf16_attn'])
 def test_each_lever_keeps_a_block(kind, levers, tol):
   """Per lever and block: same parameters; output and all gradients against the plain float32 block."""
   inputs = _block_inputs(kind)
@@ -111,7 +115,7 @@ def test_levers_keep_the_parameter_tree():
   shapes = lambda c: jax.tree.map(lambda x: (x.shape, x.dtype), jax.eval_shape(
       lambda k: state_lib.init_params(c, k), jax.random.key(0)))
   all_levers = tiny(**{'model.remat': True, 'model.attention': 'fused', 'model.conv_grad': 'matmul',
-                       'model.dtype': 'bfloat16'})
+                       'model.group_norm': 'fused', 'model.dtype': 'bfloat16'})
   assert shapes(all_levers) == shapes(tiny())   # float32 parameters whatever the compute dtype
 
 
@@ -190,6 +194,8 @@ def test_prefetch_feeds_the_same_batches_in_order():
     finally:
       feeder.close()
     assert got == [0, 1, 2, 0, 1], depth
+    with pytest.raises(RuntimeError, match='closed'):   # an error, not a wait that never ends
+      feeder.next()
 
 
 def test_generator_is_nhwc_throughout():
@@ -217,3 +223,62 @@ def test_matmul_grad_lever_reaches_every_convolution():
   jaxpr = str(jax.make_jaxpr(lambda p: block.apply(p, *inputs))(params))
   assert jaxpr.count('custom_vjp_call') == 3, jaxpr.count('custom_vjp_call')
   assert 'custom_vjp_call' not in str(jax.make_jaxpr(lambda p: _block('res').apply(p, *inputs))(params))
+
+
+# ---- The fused group norm against float64 numpy. ----------------------------------------------------
+def _numpy_norm_silu(x, scale, bias, mult, add, groups, eps=1e-5):
+  """float64 silu((GroupNorm(x) * scale + bias) * mult + add), the two-pass variance."""
+  b, h, w, c = x.shape
+  g = x.reshape(b, h, w, groups, c // groups)
+  mean = g.mean(axis=(1, 2, 4), keepdims=True)
+  var = ((g - mean) ** 2).mean(axis=(1, 2, 4), keepdims=True)
+  y = ((g - mean) / np.sqrt(var + eps)).reshape(b, h, w, c) * scale + bias
+  y = y * mult[:, None, None, :] + add[:, None, None, :]
+  return y / (1 + np.exp(-y))
+
+
+def _norm_inputs(seed=0, shape=(2, 3, 2, 6), groups=3):
+  rng = np.random.default_rng(seed)
+  b, c = shape[0], shape[-1]
+  return (rng.standard_normal(shape) * 1.5 + 0.7, 1 + 0.3 * rng.standard_normal(c),
+          0.3 * rng.standard_normal(c), 1 + 0.3 * rng.standard_normal((b, c)),
+          0.3 * rng.standard_normal((b, c))), groups
+
+
+def test_fused_group_norm_matches_numpy():
+  args, groups = _norm_inputs(shape=(3, 5, 4, 12), groups=4)
+  want = _numpy_norm_silu(*args, groups)
+  got = layers.fused_group_norm_silu(*[jnp.asarray(a, jnp.float32) for a in args], groups)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=2e-6, rtol=1e-5)
+  got16 = layers.fused_group_norm_silu(jnp.asarray(args[0], jnp.bfloat16),
+                                       *[jnp.asarray(a, jnp.float32) for a in args[1:]], groups)
+  assert got16.dtype == jnp.bfloat16   # the compute dtype in, the compute dtype out
+  np.testing.assert_allclose(np.asarray(got16, np.float64), want, atol=5e-2, rtol=2e-2)
+
+
+def test_fused_group_norm_gradient_matches_finite_differences():
+  """Its own VJP (input, scale, bias, mult, add) against float64 central differences of the numpy form."""
+  args, groups = _norm_inputs(seed=1)
+  cotangent = np.random.default_rng(2).standard_normal(args[0].shape)
+  objective = lambda *a: float(np.sum(_numpy_norm_silu(*a, groups) * cotangent))
+  grads = jax.grad(lambda *a: jnp.sum(layers.fused_group_norm_silu(*a, groups) * cotangent),
+                   argnums=(0, 1, 2, 3, 4))(*[jnp.asarray(a, jnp.float32) for a in args])
+  eps = 1e-6
+  for index, (arg, grad) in enumerate(zip(args, grads)):
+    numeric = np.zeros_like(arg)
+    for i in np.ndindex(arg.shape):
+      up, down = [list(args) for _ in range(2)]
+      up[index], down[index] = arg.copy(), arg.copy()
+      up[index][i] += eps
+      down[index][i] -= eps
+      numeric[i] = (objective(*up) - objective(*down)) / (2 * eps)
+    np.testing.assert_allclose(np.asarray(grad, np.float64), numeric, atol=2e-4, rtol=1e-3,
+                               err_msg=f'argument {index}')
+
+
+def test_fused_group_norm_rejects_bad_groups_and_names():
+  with pytest.raises(ValueError, match='groups'):
+    layers.FusedGroupNormSiLU(5).init(jax.random.key(0), jnp.zeros((1, 2, 2, 12)))
+  with pytest.raises(ValueError, match='group_norm'):
+    layers.norm_silu('apex', 4, jnp.float32, 'norm')

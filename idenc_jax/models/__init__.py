@@ -22,6 +22,7 @@ def build_generator(config) -> UNet:
       num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
       num_heads=m.num_heads, embed_dim=m.embed_dim, num_groups=m.num_groups, mlp_ratio=m.mlp_ratio,
       dropout=m.dropout, attention=m.attention, remat=m.remat, conv_grad=m.conv_grad,
+      group_norm=m.group_norm,
       dtype=compute_dtype(config),
       cross_attn_resolutions=tuple(config.stage2.cross_attn_resolutions) if config.stage == 2 else ())
 
@@ -32,7 +33,7 @@ def build_encoder(config) -> IdentityEncoder:
       base_channels=e.base_channels, channel_mult=tuple(e.channel_mult),
       num_res_blocks=e.num_res_blocks, attn_resolutions=tuple(e.attn_resolutions),
       num_heads=e.num_heads, embed_dim=m.embed_dim, num_groups=m.num_groups, mlp_ratio=m.mlp_ratio,
-      attention=m.attention, remat=m.remat, conv_grad=m.conv_grad,
+      attention=m.attention, remat=m.remat, conv_grad=m.conv_grad, group_norm=m.group_norm,
       dtype=compute_dtype(config))
 
 
@@ -57,6 +58,7 @@ def build_condition_encoder(config) -> ConditionEncoder:
       num_res_blocks=e.num_res_blocks, attn_resolutions=tuple(e.attn_resolutions),
       num_heads=e.num_heads, token_dim=config.stage2.token_dim, num_groups=m.num_groups,
       mlp_ratio=m.mlp_ratio, attention=m.attention, remat=m.remat, conv_grad=m.conv_grad,
+      group_norm=m.group_norm,
       dtype=compute_dtype(config))
 
 

@@ -29,6 +29,7 @@ class ConvTrunk(nn.Module):
   remat: bool = False
   dtype: Any = jnp.float32
   conv_grad: str = 'xla'
+  group_norm: str = 'flax'
 
   @nn.compact
   def __call__(self, x):
@@ -36,22 +37,22 @@ class ConvTrunk(nn.Module):
     Res = block_cls(layers.ResBlock, self.remat)
     Attn = block_cls(layers.AttentionBlock, self.remat)
     attn = lambda h, name: Attn(self.num_heads, self.mlp_ratio, 0.0, self.attention, dt, name=name)(h)
-    cg = self.conv_grad
+    cg, gn = self.conv_grad, self.group_norm
     h = layers.conv3x3(self.base_channels, dt, 'conv_in', conv_grad=cg)(x.astype(dt))
     cur = x.shape[1]
     for level, mult in enumerate(self.channel_mult):
       for i in range(self.num_res_blocks):
-        h = Res(mult * self.base_channels, self.num_groups, 0.0, 'none', dt, conv_grad=cg,
+        h = Res(mult * self.base_channels, self.num_groups, 0.0, 'none', dt, conv_grad=cg, group_norm=gn,
                 name=f'down_{level}_{i}')(h)
         if cur in self.attn_resolutions:
           h = attn(h, f'down_{level}_{i}_attn')
       if level != len(self.channel_mult) - 1:
-        h = Res(h.shape[-1], self.num_groups, 0.0, 'down', dt, conv_grad=cg,
+        h = Res(h.shape[-1], self.num_groups, 0.0, 'down', dt, conv_grad=cg, group_norm=gn,
                 name=f'down_{level}_resample')(h)
         cur //= 2
-    h = Res(h.shape[-1], self.num_groups, 0.0, 'none', dt, conv_grad=cg, name='mid_0')(h)
+    h = Res(h.shape[-1], self.num_groups, 0.0, 'none', dt, conv_grad=cg, group_norm=gn, name='mid_0')(h)
     h = attn(h, 'mid_attn')
-    return Res(h.shape[-1], self.num_groups, 0.0, 'none', dt, conv_grad=cg, name='mid_1')(h)
+    return Res(h.shape[-1], self.num_groups, 0.0, 'none', dt, conv_grad=cg, group_norm=gn, name='mid_1')(h)
 
 
 class IdentityEncoder(nn.Module):
@@ -68,6 +69,7 @@ class IdentityEncoder(nn.Module):
   remat: bool = False
   dtype: Any = jnp.float32
   conv_grad: str = 'xla'
+  group_norm: str = 'flax'
 
   @nn.compact
   def __call__(self, images):
@@ -75,8 +77,8 @@ class IdentityEncoder(nn.Module):
       raise ValueError(f'encoder expects NHWC RGB images, got shape {images.shape}')
     h = ConvTrunk(self.base_channels, self.channel_mult, self.num_res_blocks, self.attn_resolutions,
                   self.num_heads, self.num_groups, self.mlp_ratio, self.attention, self.remat,
-                  self.dtype, self.conv_grad, name='trunk')(images)
-    h = nn.silu(layers.group_norm(self.num_groups, self.dtype, 'norm_out')(h))
+                  self.dtype, self.conv_grad, self.group_norm, name='trunk')(images)
+    h = layers.norm_silu(self.group_norm, self.num_groups, self.dtype, 'norm_out')(h)
     h = h.mean(axis=(1, 2))
     return nn.Dense(self.embed_dim, dtype=self.dtype, name='proj')(h).astype(jnp.float32)
 
@@ -95,13 +97,14 @@ class ConditionEncoder(nn.Module):
   remat: bool = False
   dtype: Any = jnp.float32
   conv_grad: str = 'xla'
+  group_norm: str = 'flax'
 
   @nn.compact
   def __call__(self, cond_image):
     h = ConvTrunk(self.base_channels, self.channel_mult, self.num_res_blocks, self.attn_resolutions,
                   self.num_heads, self.num_groups, self.mlp_ratio, self.attention, self.remat,
-                  self.dtype, self.conv_grad, name='trunk')(cond_image)
-    h = nn.silu(layers.group_norm(self.num_groups, self.dtype, 'norm_out')(h))
+                  self.dtype, self.conv_grad, self.group_norm, name='trunk')(cond_image)
+    h = layers.norm_silu(self.group_norm, self.num_groups, self.dtype, 'norm_out')(h)
     b, hh, ww, c = h.shape
     tokens = nn.Dense(self.token_dim, dtype=self.dtype, name='proj')(h.reshape(b, hh * ww, c))
     return tokens

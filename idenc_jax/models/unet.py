@@ -41,6 +41,7 @@ class UNet(nn.Module):
   attention: str = 'xla'
   remat: bool = False
   conv_grad: str = 'xla'
+  group_norm: str = 'flax'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -66,7 +67,7 @@ class UNet(nn.Module):
 
     def res(h, ch, name, resample='none'):
       return Res(ch, self.num_groups, self.dropout, resample, dt, det, conv_grad=self.conv_grad,
-                 name=name)(h, emb, cond)
+                 group_norm=self.group_norm, name=name)(h, emb, cond)
 
     def attn(h, name, ctx=None):
       return Attn(self.num_heads, self.mlp_ratio, self.dropout, self.attention, dt, det, name=name)(h, ctx)
@@ -109,6 +110,6 @@ class UNet(nn.Module):
         cur *= 2
     assert not skips and cur == self.resolution
 
-    h = nn.silu(layers.group_norm(self.num_groups, dt, 'norm_out')(h))
+    h = layers.norm_silu(self.group_norm, self.num_groups, dt, 'norm_out')(h)
     out = layers.conv3x3(self.out_channels, dt, 'conv_out', zero=True, conv_grad=self.conv_grad)(h)
     return out.astype(jnp.float32)

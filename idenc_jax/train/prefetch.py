@@ -35,6 +35,8 @@ class Prefetcher:
       self.queue.put(e)
 
   def next(self):
+    if self.stop.is_set():   # the filling thread is gone: waiting on the queue would never return
+      raise RuntimeError('next() on a closed Prefetcher')
     if self.thread is None:
       return self._take()
     item = self.queue.get()
