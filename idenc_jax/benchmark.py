@@ -173,6 +173,7 @@ _LEVERS = {
     'fused': {'model.attention': 'fused'},
     'xla': {'model.attention': 'xla'},
     'mmgrad': {'model.conv_grad': 'matmul'},
+    'gnfused': {'model.group_norm': 'fused'},
 }
 
 
@@ -410,8 +411,8 @@ def lower_train_step(config, batch_size: int | None = None):
   return jax.jit(step, donate_argnums=(0,)).lower(abstract_state, batch)
 
 
-def measure_sample_step(config, params, batch: int, repeats: int) -> tuple[float, float]:
-  """(median ms, compile s) of one generator forward (a sampling step's network call) at `batch`."""
+def compile_sample_step(config, params, batch: int):
+  """(compiled generator forward, its arguments, compile seconds): a sampling step's network call."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from idenc_jax import models  # pylint: disable=g-import-not-at-top
@@ -426,8 +427,34 @@ def measure_sample_step(config, params, batch: int, repeats: int) -> tuple[float
   fn = jax.jit(lambda p, x, t, z: gen.apply({'params': p}, x, t, z))
   t0 = time.perf_counter()
   compiled = fn.lower(params, x, t, z).compile()
-  compile_s = time.perf_counter() - t0
-  return 1e3 * _time_calls(lambda: compiled(params, x, t, z), repeats, warmup=2), compile_s
+  return compiled, (params, x, t, z), time.perf_counter() - t0
+
+
+def profile_train(bench: 'TrainBench', out_dir: str, steps: int = 3, top: int = 20) -> dict:
+  """`op_profile` breakdown of `steps` more train steps of a compiled TrainBench (written to out_dir)."""
+  from idenc_jax import op_profile  # pylint: disable=g-import-not-at-top
+  for _ in range(2):   # steady state only in the trace (a no-op after timed steps)
+    bench.step(timed=False)
+  return op_profile.profile_compiled(bench.compiled, lambda: bench.step(timed=False), steps, out_dir,
+                                     'train_profile', top=top)
+
+
+def profile_sample(config, params, batch: int, out_dir: str, steps: int = 3, top: int = 20,
+                   compiled_step=None) -> dict:
+  """`op_profile` breakdown of the sampling step's network call at `batch` (written to out_dir);
+  `compiled_step` = `compile_sample_step`'s (compiled, args) where it was compiled already."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from idenc_jax import op_profile  # pylint: disable=g-import-not-at-top
+  compiled, args = compiled_step or compile_sample_step(config, params, batch)[:2]
+  run = lambda: jax.block_until_ready(compiled(*args))
+  run()
+  run()
+  return op_profile.profile_compiled(compiled, run, steps, out_dir, 'sample_profile', top=top)
+
+
+def _profile_digest(summary: dict) -> dict:
+  """The part of an op_profile summary that goes into a benchmark record."""
+  return {k: summary.get(k) for k in ('op_ms_per_step', 'wall_ms_per_step', 'by_category_ms', 'by_part_ms')}
 
 
 class TrainBench:
@@ -482,10 +509,11 @@ class TrainBench:
       self.times.append(seconds)
     return seconds
 
-  def finish(self, sample_batch: int = 0, sample_repeats: int = 5, statistic: str = 'median') -> dict[str, Any]:
-    """Closes the feeder, times the sampling step if asked, and returns the record (without MFU)."""
+  def finish(self, sample_batch: int = 0, sample_repeats: int = 5, statistic: str = 'median',
+             profile_dir: str = '') -> dict[str, Any]:
+    """Times the sampling step if asked, profiles both into `profile_dir` if given
+    (`idenc_jax.op_profile`), closes the feeder and returns the record (without MFU)."""
     import jax  # pylint: disable=g-import-not-at-top
-    self.feeder.close()
     r, b = self.record, self.config.train.batch_size
     if not self.times:
       raise ValueError('no timed steps were run')
@@ -502,11 +530,20 @@ class TrainBench:
     r['peak_memory_bytes'] = own_peak if own_peak is not None else r['compiled_memory_bytes']
     r['peak_memory_source'] = 'device' if own_peak is not None else 'compiled'
     self.log(f'train step {r["train_step_ms"]:.1f} ms')
+    if profile_dir:
+      os.makedirs(profile_dir, exist_ok=True)
+      r['train_profile'] = _profile_digest(profile_train(self, profile_dir))
+      self.log(f'train step profile in {profile_dir}')
+    self.feeder.close()
     r['sample_batch'], r['sample_step_ms'] = sample_batch, None
     if sample_batch:
-      r['sample_step_ms'], r['sample_compile_s'] = measure_sample_step(
-          self.config, self.state.params['generator'], sample_batch, sample_repeats)
+      params = self.state.params['generator']
+      compiled, args, r['sample_compile_s'] = compile_sample_step(self.config, params, sample_batch)
+      r['sample_step_ms'] = 1e3 * _time_calls(lambda: compiled(*args), sample_repeats, warmup=2)
       self.log(f'sample step {r["sample_step_ms"]:.1f} ms')
+      if profile_dir:
+        r['sample_profile'] = _profile_digest(profile_sample(
+            self.config, params, sample_batch, profile_dir, compiled_step=(compiled, args)))
     self.state = self.compiled = None   # free device memory before the next variant
     return r
 
@@ -526,14 +563,14 @@ def run_variant(config, *, steps: int = 5, warmup: int = 2, sample_batch: int = 
                 peak_flops: float | None = None, peak_matmul_size: int | None = None,
                 measure_matmul: bool = False, log: Callable[[str], None] = lambda s: None,
                 compiler_options: dict | None = None, first_in_process: bool = True,
-                statistic: str = 'median') -> dict[str, Any]:
+                statistic: str = 'median', profile_dir: str = '') -> dict[str, Any]:
   """Measures the train step (and optionally the sampling step) of `config` on the default device."""
   if steps < 1 or warmup < 0:
     raise ValueError(f'need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}.')
   bench = TrainBench(config, log, compiler_options, first_in_process)
   for i in range(warmup + steps):
     bench.step(timed=i >= warmup)
-  record = bench.finish(sample_batch, max(steps, 3), statistic)
+  record = bench.finish(sample_batch, max(steps, 3), statistic, profile_dir)
   measured = None
   if measure_matmul or not peak_flops:
     measured = measure_peak_flops(config.model.dtype, peak_matmul_size, statistic=statistic)
@@ -545,7 +582,7 @@ def run_variant(config, *, steps: int = 5, warmup: int = 2, sample_batch: int = 
 def run_interleaved(configs: dict[str, Any], *, steps: int = 5, warmup: int = 2, sample_batch: int = 0,
                     peak_flops: float | None = None, peak_matmul_size: int | None = None,
                     statistic: str = 'median', log: Callable[[str], None] = lambda s: None,
-                    compiler_options: dict | None = None) -> list[dict[str, Any]]:
+                    compiler_options: dict | None = None, profile_dir: str = '') -> list[dict[str, Any]]:
   """All variants compiled first, then timed in turns (A B C A B C ...), each round also timing the
   peak matmul of every compute dtype, so that a shared machine's changing load affects every
   variant and the peak alike; their ratios (and MFU) stay fair. The sampling step is timed for the
@@ -573,7 +610,8 @@ def run_interleaved(configs: dict[str, Any], *, steps: int = 5, warmup: int = 2,
            for dtype, (_, flops) in probes.items()}
   records = []
   for index, (name, bench) in enumerate(benches.items()):
-    record = {'variant': name, **bench.finish(sample_batch if index == 0 else 0, max(steps, 3), statistic)}
+    record = {'variant': name, **bench.finish(sample_batch if index == 0 else 0, max(steps, 3), statistic,
+                                              profile_dir and os.path.join(profile_dir, _dirname(name)))}
     dtype = configs[name].model.dtype
     records.append(add_mfu(record, peak_flops or peaks[dtype], 'flag' if peak_flops else 'measured'))
   return records
@@ -749,6 +787,9 @@ def _parse_args(argv):
                  help='correctness instead of speed: each variant\'s fixed-batch loss on this device against '
                       'a CPU float32 reference (computed in a subprocess), and a few finite train steps')
   p.add_argument('--reference', action='store_true', help='print the float32 fixed-batch loss (--check uses it)')
+  p.add_argument('--profile_dir', default='',
+                 help='after timing, profile each variant\'s train step (and sampling step) into '
+                      'DIR/<variant> and add its time by kind of operation to the record (idenc_jax.op_profile)')
   p.add_argument('--json_out', default='', help='also write the JSON object to this file')
   p.add_argument('--records_out', default='', help='append one JSON line per finished variant to this file')
   args, rest = p.parse_known_args(argv)
@@ -761,6 +802,11 @@ def _parse_args(argv):
   return args, overrides
 
 
+def _dirname(variant: str) -> str:
+  """A variant's profile directory name ('bf16+fused' -> 'bf16+fused'; '' -> 'default')."""
+  return ''.join(ch if ch.isalnum() or ch in '+-_.' else '_' for ch in variant) or 'default'
+
+
 def _log(msg: str) -> None:
   print(f'[benchmark] {msg}', file=sys.stderr, flush=True)
 
@@ -771,7 +817,8 @@ def _run_in_process(args, overrides, variant: str, sample_batch: int, first: boo
                     peak_flops=args.peak_flops or None, peak_matmul_size=args.peak_matmul_size or None,
                     measure_matmul=args.measure_matmul, log=lambda s: _log(f'{variant}: {s}'),
                     compiler_options=FAST_COMPILE if args.fast_compile else None, first_in_process=first,
-                    statistic=args.statistic)
+                    statistic=args.statistic,
+                    profile_dir=args.profile_dir and os.path.join(args.profile_dir, _dirname(variant)))
   return {'variant': variant, **rec}
 
 
@@ -786,6 +833,8 @@ def _run_isolated(args, overrides, variant: str, peak: float | None, timeout: fl
     if peak:
       cmd.append(f'--peak_flops={peak}')
     cmd += ['--measure_matmul'] * args.measure_matmul + ['--fast_compile'] * args.fast_compile
+    if args.profile_dir:   # the child profiles into profile_dir/<variant> itself
+      cmd.append(f'--profile_dir={args.profile_dir}')
     cmd += [f'--config.{k}={v}' for k, v in overrides.items()]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                                     os.environ.get('PYTHONPATH')])))
@@ -832,7 +881,8 @@ def main(argv=None) -> dict:
     records = run_interleaved(configs, steps=args.steps, warmup=args.warmup, sample_batch=args.sample_batch,
                               peak_flops=args.peak_flops or None,
                               peak_matmul_size=args.peak_matmul_size or None, statistic=args.statistic,
-                              log=_log, compiler_options=FAST_COMPILE if args.fast_compile else None)
+                              log=_log, compiler_options=FAST_COMPILE if args.fast_compile else None,
+                              profile_dir=args.profile_dir)
     variants = []
     if args.records_out:
       with open(args.records_out, 'a') as f:

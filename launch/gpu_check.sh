@@ -3,11 +3,13 @@
 #   (a) correctness: the tiny config's fixed-batch loss and gradient norm on the GPU (bf16, float32
 #       at highest precision, bf16 + cuDNN fused attention) against the CPU's float32 value, computed
 #       beside it in a JAX_PLATFORMS=cpu subprocess; 3 finite bf16 train steps;
-#   (b) speed: the paper config at batch 128 on one GPU, one subprocess per lever setting, in order
-#       of importance (bf16 with the sampling step at batch 128, bf16+fused, fp32, bf16+remat,
-#       bf16+remat+b256),
-#       MFU against the dense bf16 datasheet peak (--peak_flops) with the measured matmul alongside;
-#   (c) everything into $OUT (check.json, bench.jsonl, bench.json, log.txt, env.txt) and a table.
+#   (b) speed: the paper config at batch 128 on one GPU, lever settings in order of importance
+#       (bf16, bf16+gnfused, bf16+gnfused+fused, fp32, bf16+remat), each with the sampling step at
+#       batch 128 and an operation profile of both steps (idenc_jax/op_profile.py: time by kind of
+#       operation and by part of the model, the top operations), MFU against the dense bf16
+#       datasheet peak (--peak_flops) with the measured matmul alongside;
+#   (c) everything into $OUT (check.json, bench.jsonl, bench.json, profiles.json, log.txt, env.txt,
+#       table.txt, and the first variant's train-step trace) and a table.
 # Each part runs under `timeout`, and variants that would start after the deadline are skipped, so
 # one hang cannot eat the lease. Total on an H100: under 7 minutes including compilation.
 #
@@ -34,13 +36,13 @@ fi
 
 if [ "${IDENC_GPU_CHECK_CPU:-0}" = 1 ]; then
   BENCH_CONFIG=configs/base.py:tiny; BATCH=16; SAMPLE=8; STEPS=2; WARMUP=1; PEAK=""
-  VARIANTS=bf16,fp32+mmgrad; FAST=--fast_compile   # compile at -O0: the dry run checks the plumbing
+  VARIANTS=bf16,bf16+gnfused; FAST=--fast_compile   # compile at -O0: the dry run checks the plumbing
   BUDGET=${IDENC_GPU_CHECK_BUDGET:-2400}; CHECK_TIMEOUT=1500
 else
   BENCH_CONFIG=configs/base.py:paper; BATCH=128; SAMPLE=128; STEPS=5; WARMUP=3
   PEAK=--peak_flops=989.4e12   # H100/H200 SXM dense bf16 datasheet; the measured matmul is recorded too
-  VARIANTS=bf16,bf16+fused,fp32,bf16+remat,bf16+remat+b256; FAST=""
-  BUDGET=${IDENC_GPU_CHECK_BUDGET:-390}; CHECK_TIMEOUT=150
+  VARIANTS=bf16,bf16+gnfused,bf16+gnfused+fused,fp32,bf16+remat; FAST=""
+  BUDGET=${IDENC_GPU_CHECK_BUDGET:-420}; CHECK_TIMEOUT=150
 fi
 
 {
@@ -54,11 +56,13 @@ cat "$OUT/env.txt"
 
 echo "== (a) correctness, tiny config ($(elapsed) s)"
 timeout "$CHECK_TIMEOUT" $PY -m idenc_jax.benchmark --check --config=configs/base.py:tiny \
-  --variants=bf16,fp32,bf16+fused --steps=3 $FAST --json_out="$OUT/check.json" 2>>"$LOG" | grep -v '^{'
+  --variants=bf16,fp32,bf16+fused,bf16+gnfused --steps=3 $FAST --json_out="$OUT/check.json" 2>>"$LOG" | grep -v '^{'
 CHECK_RC=${PIPESTATUS[0]}
 [ $CHECK_RC = 0 ] || echo "correctness check exited with $CHECK_RC (see log.txt)"
 
 echo "== (b) speed, $BENCH_CONFIG batch $BATCH ($(elapsed) s)"
+PROFILES=/tmp/idenc_gpu_profiles   # deep trace folders stay here; $OUT gets the summaries (at most 8 files back)
+rm -rf "$PROFILES"
 REMAINING=$(( BUDGET - $(elapsed) ))
 # All variants in one process: XLA's autotuning results for the shared convolution shapes carry over
 # from one variant's compile to the next (an OOM is an exception there and costs only its variant;
@@ -67,16 +71,25 @@ REMAINING=$(( BUDGET - $(elapsed) ))
 # ends a hang.
 timeout $(( REMAINING + 20 )) $PY -m idenc_jax.benchmark --config="$BENCH_CONFIG" \
   --config.train.batch_size=$BATCH --variants="$VARIANTS" --steps=$STEPS --warmup=$WARMUP \
-  --sample_batch=$SAMPLE --sample_first_only $PEAK --measure_matmul --isolate=no $FAST \
+  --sample_batch=$SAMPLE $PEAK --measure_matmul --isolate=no $FAST --profile_dir="$PROFILES" \
   --deadline=$(( REMAINING - 10 )) --records_out="$OUT/bench.jsonl" --json_out="$OUT/bench.json" \
   2>>"$LOG" | tee "$OUT/table.txt" | grep -v '^{'
 BENCH_RC=${PIPESTATUS[0]}
 [ "$BENCH_RC" = 0 ] || echo "benchmark exited with $BENCH_RC (see log.txt)"
 
 echo "== summary ($(elapsed) s)"
-$PY - "$OUT" <<'EOF'
-import json, os, sys
-out = sys.argv[1]
+$PY - "$OUT" "$PROFILES" <<'EOF'
+import glob, json, os, shutil, sys
+out, profiles = sys.argv[1], sys.argv[2]
+merged = {}
+for path in sorted(glob.glob(os.path.join(profiles, '*', '*_profile.json'))):
+  merged.setdefault(os.path.basename(os.path.dirname(path)), {})[os.path.basename(path)[:-5]] = json.load(open(path))
+if merged:
+  json.dump(merged, open(os.path.join(out, 'profiles.json'), 'w'), indent=1)
+  traces = sorted(glob.glob(os.path.join(profiles, '*', 'train_profile_trace', 'plugins', 'profile', '*', '*.trace.json.gz')),
+                  key=os.path.getmtime)
+  if traces and os.path.getsize(traces[0]) < 15 * 2**20:
+    shutil.copy(traces[0], os.path.join(out, 'train_trace_first_variant.json.gz'))
 path = os.path.join(out, 'check.json')
 if os.path.exists(path):
   c = json.load(open(path))
@@ -96,5 +109,11 @@ for line in open(path) if os.path.exists(path) else []:
         f"MFU {100 * (r['mfu'] or 0):5.1f}%  compile {r['compile_s']:5.1f} s  mem {mem / 2**30:5.1f} GiB  "
         f"sample@{r['sample_batch']} {r['sample_step_ms'] or float('nan'):6.1f} ms  "
         f"matmul peak {r.get('matmul_flops_measured') or float('nan'):.3g}")
+  for step in ('train_profile', 'sample_profile'):
+    p = r.get(step)
+    if p:
+      total = p['op_ms_per_step'] or 1.0
+      print(f"  {step[:-8]:<6} ops {p['op_ms_per_step']:7.2f} ms of wall {p['wall_ms_per_step'] or float('nan'):7.2f} ms: "
+            + ', '.join(f"{k} {100 * v / total:.0f}%" for k, v in p['by_category_ms'].items() if v > 0.005 * total))
 EOF
 echo "done in $(elapsed) s"

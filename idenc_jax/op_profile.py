@@ -1,0 +1,321 @@
+"""Where a compiled step's device time goes: a profiler trace joined with the step's optimised HLO.
+
+  python -m idenc_jax.op_profile --config=configs/base.py:cpu [--variant=bf16] [--sample_batch=16]
+
+compiles the train step (and, with --sample_batch, one sampling-step network call), runs a few steps
+under `jax.profiler.trace`, and prints per step: the time of the compiled module's operations by kind
+(convolution, matmul, fused attention, elementwise, reduction, copy/transpose, communication, other),
+by part of the model (generator / encoders, forward / backward, everything outside the networks:
+noise, loss, optimizer, EMA), the most expensive operations with their source (the flax module path
+XLA keeps in each operation's metadata), and how much of the step's wall time no operation covers
+(host work, launch gaps). `python -m idenc_jax.benchmark --profile_dir=DIR` records the same for its
+first variant without compiling again.
+
+Each trace event is matched to an instruction of the optimised module by name (the event's `hlo_op`
+argument on GPUs, the event name itself for XLA:CPU's thunks); what an instruction is comes from its
+opcode, its custom-call target (cuDNN, cuBLAS) and, for fusions, the operations of the computation it
+calls. Where the profiler derives an "XLA Ops" line from the device's streams, only that line is
+counted, so no kernel is counted twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import time
+from typing import Any, Callable, Iterable
+
+CATEGORIES = ('convolution', 'matmul', 'attention (fused)', 'elementwise', 'reduction', 'copy/transpose',
+              'communication', 'other')
+_COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
+_NETWORKS = ('UNet', 'IdentityEncoder', 'ConditionEncoder')
+
+_COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$')
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$')
+
+
+@dataclasses.dataclass(frozen=True)
+class HloOp:
+  """One instruction of an optimised HLO module, as far as the breakdown needs it."""
+  name: str
+  opcode: str
+  shape: str
+  op_name: str = ''        # metadata: the jax/flax source path, e.g. jit(step)/jvp(UNet)/down_0_0/conv_0/...
+  fusion_kind: str = ''    # kLoop, kInput, kOutput, kCustom
+  target: str = ''         # custom-call target, or the custom fusion's kind (e.g. __cudnn$fusion)
+  called: tuple[str, ...] = ()   # opcodes (and custom-call targets) inside a fusion's computation
+  operands: tuple[str, ...] = ()
+
+
+def parse_hlo(text: str) -> tuple[str, dict[str, HloOp]]:
+  """(module name, {instruction name: HloOp}) of an HLO module's text (`compiled.as_text()`)."""
+  module = ''
+  first = text.split('\n', 1)[0]
+  if first.startswith('HloModule '):
+    module = first.split()[1].rstrip(',')
+  contents: dict[str, list[str]] = collections.defaultdict(list)   # computation -> opcodes/targets
+  raw: list[tuple[str, str, str, str]] = []
+  current = None
+  for line in text.splitlines():
+    head = _COMPUTATION.match(line)
+    if head and ' = ' not in line:
+      current = head.group(1)
+      continue
+    m = _INSTRUCTION.match(line)
+    if not m:
+      continue
+    name, shape, opcode, rest = m.groups()
+    target = re.search(r'custom_call_target="([^"]*)"', rest)
+    contents[current].append(target.group(1) if target else opcode)
+    raw.append((name, shape, opcode, rest))
+  ops = {}
+  for name, shape, opcode, rest in raw:
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    kind = re.search(r'kind=(\w+)', rest)
+    # A custom call's target, or a custom fusion's kind (cuDNN / Triton GEMM / XLA:CPU's YNNPACK fusions).
+    target = re.search(r'custom_call_target="([^"]*)"', rest) or re.search(r'"kind":"(__[^"]*)"', rest)
+    calls = re.search(r'calls=%?([\w.\-]+)', rest)
+    operands = tuple(re.findall(r'%([\w.\-]+)', rest[:rest.find(')')]))
+    ops[name] = HloOp(name=name, opcode=opcode, shape=shape, op_name=op_name.group(1) if op_name else '',
+                      fusion_kind=kind.group(1) if kind and opcode == 'fusion' else '',
+                      target=target.group(1) if target else '',
+                      called=tuple(contents.get(calls.group(1), ())) if calls else (), operands=operands)
+  return module, ops
+
+
+def category(op: HloOp) -> str:
+  """The kind of work an instruction does (one of CATEGORIES)."""
+  inside = set(op.called) | {op.opcode}
+  target = op.target.lower()
+  primitive = op.op_name.rsplit('/', 1)[-1]
+  if 'fmha' in target or 'flash' in target or 'dot_product_attention' in op.op_name:
+    return 'attention (fused)'
+  if ('convolution' in inside or 'conv' in target or any('conv' in c.lower() for c in op.called)
+      or primitive.startswith('conv_general_dilated')):
+    return 'convolution'
+  if ('dot' in inside or 'gemm' in target or 'matmul' in target or any('gemm' in c.lower() for c in op.called)
+      or primitive == 'dot_general'):
+    return 'matmul'
+  if op.opcode in _COLLECTIVES or any(c.startswith(_COLLECTIVES) for c in inside):
+    return 'communication'
+  if op.opcode in ('copy', 'transpose', 'copy-start', 'copy-done') or (
+      op.opcode == 'fusion' and inside - {'fusion', 'parameter', 'bitcast'} <= {'copy', 'transpose'}):
+    return 'copy/transpose'
+  if op.opcode == 'reduce' or op.fusion_kind == 'kInput' or 'reduce' in inside or primitive.startswith('reduce_'):
+    return 'reduction'
+  if op.opcode == 'fusion' or op.opcode in ('add', 'multiply', 'subtract', 'divide', 'exponential', 'select',
+                                            'convert', 'broadcast', 'maximum', 'minimum', 'concatenate'):
+    return 'elementwise'
+  if 'transpose' in op.name or op.name.startswith('copy'):
+    return 'copy/transpose'
+  return 'other'
+
+
+def _source_part(op_name: str) -> str | None:
+  for net in _NETWORKS:
+    if f'transpose(jvp({net}))' in op_name:
+      return f'{net} backward'
+    if f'jvp({net})' in op_name or re.search(rf'(^|/){net}(/|$)', op_name):
+      return f'{net} forward'
+  return None
+
+
+def part(op: HloOp, ops: dict[str, HloOp] | None = None, depth: int = 4) -> str:
+  """Which network an instruction belongs to and in which pass, from its source path.
+
+  An instruction XLA made without source metadata (a layout transpose, a kernel-gradient convolution
+  of XLA:CPU) is charged to its nearest operands that have one, a backward pass first.
+  """
+  if op.op_name:
+    return _source_part(op.op_name) or 'outside the networks'
+  frontier, seen = list(op.operands), set()
+  for _ in range(depth if ops else 0):
+    found = []
+    for name in frontier:
+      source = ops.get(name)
+      if source is not None and source.op_name:
+        found.append(_source_part(source.op_name) or 'outside the networks')
+    if found:
+      return next((f for f in found if f.endswith('backward')), found[0])
+    seen.update(frontier)
+    frontier = [o for name in frontier if name in ops for o in ops[name].operands if o not in seen]
+  return 'outside the networks'
+
+
+def read_trace(trace_dir: str) -> dict:
+  """The newest Chrome-trace JSON that `jax.profiler.trace(trace_dir)` wrote, as a dict."""
+  paths = sorted(glob.glob(os.path.join(trace_dir, 'plugins', 'profile', '*', '*.trace.json.gz')),
+                 key=os.path.getmtime)
+  if not paths:
+    raise FileNotFoundError(f'no *.trace.json.gz under {trace_dir}/plugins/profile: was a trace captured?')
+  with gzip.open(paths[-1], 'rt') as f:
+    return json.load(f)
+
+
+def _event_op(event: dict, ops: dict[str, HloOp]) -> str | None:
+  args = event.get('args') or {}
+  for candidate in (args.get('hlo_op'), event.get('name')):
+    if not candidate:
+      continue
+    candidate = str(candidate).lstrip('%')
+    if candidate in ops:
+      return candidate
+    head = re.split(r'[\s:]', candidate, 1)[0]
+    if head in ops:
+      return head
+  return None
+
+
+def op_times(trace: dict, module: str, ops: dict[str, HloOp]) -> tuple[collections.Counter, collections.Counter]:
+  """({instruction: total microseconds}, {instruction: events}) of the module's operations in a trace.
+
+  On a trace with device processes (GPU, TPU) only their events count, and of those only the
+  "XLA Ops" lines where the profiler derived them (they repeat the streams' kernels per operation);
+  events naming another module are skipped (instruction names repeat across modules).
+  """
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  processes = {e['pid']: e.get('args', {}).get('name', '') for e in events
+               if e.get('ph') == 'M' and e.get('name') == 'process_name'}
+  threads = {(e['pid'], e.get('tid')): e.get('args', {}).get('name', '') for e in events
+             if e.get('ph') == 'M' and e.get('name') == 'thread_name'}
+  devices = {pid for pid, name in processes.items() if name.startswith('/device:')}
+  lines: dict[Any, tuple[collections.Counter, collections.Counter]] = collections.defaultdict(
+      lambda: (collections.Counter(), collections.Counter()))
+  for e in events:
+    if e.get('ph') != 'X' or (devices and e.get('pid') not in devices):
+      continue
+    event_module = str((e.get('args') or {}).get('hlo_module', ''))
+    if event_module and module and event_module.split('(')[0] != module:
+      continue
+    name = _event_op(e, ops)
+    if name is None:
+      continue
+    total, count = lines[(e.get('pid'), e.get('tid'))]
+    total[name] += float(e.get('dur', 0.0))
+    count[name] += 1
+  xla_ops = [key for key in lines if 'XLA Ops' in threads.get(key, '')]
+  total, count = collections.Counter(), collections.Counter()
+  for key in xla_ops or list(lines):
+    total.update(lines[key][0])
+    count.update(lines[key][1])
+  return total, count
+
+
+def summarize(trace: dict, hlo_text: str, steps: int, wall_s: float | None = None, top: int = 20) -> dict:
+  """Per-step milliseconds of the module's operations by category and part, and the top operations."""
+  module, ops = parse_hlo(hlo_text)
+  total, count = op_times(trace, module, ops)
+  if not total:
+    raise ValueError(f'the trace holds no operation of module {module!r}: was it captured while the step ran?')
+  per_step = lambda us: us / 1e3 / steps
+  by_category = dict.fromkeys(CATEGORIES, 0.0)
+  by_part: dict[str, float] = collections.Counter()
+  matrix: dict[str, dict[str, float]] = collections.defaultdict(lambda: dict.fromkeys(CATEGORIES, 0.0))
+  for name, us in total.items():
+    op = ops[name]
+    c, p = category(op), part(op, ops)
+    by_category[c] += per_step(us)
+    by_part[p] += per_step(us)
+    matrix[p][c] += per_step(us)
+  op_ms = per_step(sum(total.values()))
+  out = {
+      'module': module, 'steps': steps, 'op_ms_per_step': op_ms,
+      'wall_ms_per_step': None if wall_s is None else 1e3 * wall_s / steps,
+      'by_category_ms': by_category, 'by_part_ms': dict(by_part), 'part_by_category_ms': dict(matrix),
+      'top_ops': [{'name': n, 'ms': per_step(us), 'calls_per_step': count[n] / steps,
+                   'category': category(ops[n]), 'part': part(ops[n], ops), 'shape': ops[n].shape,
+                   'source': ops[n].op_name} for n, us in total.most_common(top)],
+  }
+  if wall_s is not None:
+    # Operations of XLA:CPU run on several threads at once, so their sum can pass the wall time.
+    out['uncovered_ms_per_step'] = max(out['wall_ms_per_step'] - op_ms, 0.0)
+  return out
+
+
+def format_summary(s: dict, title: str = '') -> str:
+  lines = [f'{title or s["module"]}: operations {s["op_ms_per_step"]:.2f} ms per step'
+           + (f' (wall {s["wall_ms_per_step"]:.2f} ms)' if s.get('wall_ms_per_step') else '')]
+  total = s['op_ms_per_step'] or 1.0
+  lines.append('  by kind:  ' + ', '.join(f'{c} {ms:.2f} ms ({100 * ms / total:.0f}%)'
+                                          for c, ms in s['by_category_ms'].items() if ms > 0))
+  lines.append('  by part:')
+  for p, ms in sorted(s['by_part_ms'].items(), key=lambda kv: -kv[1]):
+    kinds = ', '.join(f'{c} {v:.2f}' for c, v in s['part_by_category_ms'][p].items() if v > 0.005 * total)
+    lines.append(f'    {p:<28}{ms:9.2f} ms ({100 * ms / total:4.1f}%)  [{kinds}]')
+  lines.append('  top operations:')
+  for o in s['top_ops']:
+    lines.append(f'    {o["ms"]:8.3f} ms {o["category"]:<17} {o["shape"][:34]:<34} {o["source"][-70:] or o["name"]}')
+  return '\n'.join(lines)
+
+
+def capture(run: Callable[[], Any], steps: int, trace_dir: str) -> float:
+  """Runs `run` (one synchronised step) `steps` times under the profiler; returns their wall seconds."""
+  import jax  # pylint: disable=g-import-not-at-top
+  os.makedirs(trace_dir, exist_ok=True)
+  with jax.profiler.trace(trace_dir):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      run()
+    wall = time.perf_counter() - t0
+  return wall
+
+
+def profile_compiled(compiled, run: Callable[[], Any], steps: int, out_dir: str, name: str,
+                     top: int = 20, keep_xplane: bool = False) -> dict:
+  """Profiles `steps` calls of `run` (which calls `compiled`); writes NAME.json (and the trace) to out_dir."""
+  trace_dir = os.path.join(out_dir, f'{name}_trace')
+  wall = capture(run, steps, trace_dir)
+  summary = summarize(read_trace(trace_dir), compiled.as_text(), steps, wall, top)
+  with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  if not keep_xplane:   # the raw protobuf is large; the Chrome trace beside it is enough to look again
+    for path in glob.glob(os.path.join(trace_dir, 'plugins', 'profile', '*', '*.xplane.pb')):
+      os.remove(path)
+  return summary
+
+
+def _parse_args(argv: Iterable[str]):
+  p = argparse.ArgumentParser(prog='python -m idenc_jax.op_profile', description=__doc__.split('\n')[0])
+  p.add_argument('--config', default='configs/base.py:cpu', help='path[:variant]')
+  p.add_argument('--variant', default='', help="levers as in the benchmark, e.g. 'bf16+fused'")
+  p.add_argument('--steps', type=int, default=3, help='profiled steps (after 2 warm-up steps)')
+  p.add_argument('--sample_batch', type=int, default=0, help='also profile the sampling step at this batch')
+  p.add_argument('--out', default='/tmp/idenc_op_profile', help='directory for the traces and summaries')
+  p.add_argument('--top', type=int, default=20, help='operations listed')
+  args, rest = p.parse_known_args(list(argv))
+  overrides = {}
+  for item in rest:
+    if not item.startswith('--config.') or '=' not in item:
+      p.error(f'unrecognised argument {item!r}')
+    key, value = item[len('--config.'):].split('=', 1)
+    overrides[key] = value
+  return args, overrides
+
+
+def main(argv=None) -> dict:
+  from idenc_jax import benchmark  # pylint: disable=g-import-not-at-top
+  args, overrides = _parse_args(sys.argv[1:] if argv is None else argv)
+  config = benchmark.load_config(args.config, {**overrides, **benchmark.variant_overrides(args.variant)})
+  os.makedirs(args.out, exist_ok=True)
+  bench = benchmark.TrainBench(config, log=lambda s: print(f'[op_profile] {s}', file=sys.stderr))
+  result = {'train': benchmark.profile_train(bench, args.out, args.steps, top=args.top)}
+  print(format_summary(result['train'], 'train step'))
+  if args.sample_batch:
+    result['sample'] = benchmark.profile_sample(config, bench.state.params['generator'], args.sample_batch,
+                                                args.out, args.steps, top=args.top)
+    print(format_summary(result['sample'], f'sampling step at batch {args.sample_batch}'))
+  bench.feeder.close()
+  print(json.dumps({k: {kk: v[kk] for kk in ('op_ms_per_step', 'wall_ms_per_step', 'by_category_ms')}
+                    for k, v in result.items()}))
+  return result
+
+
+if __name__ == '__main__':
+  main()
