@@ -13,9 +13,10 @@ generator forward at --sample_batch) and device. With several variants the objec
 runs in a fresh subprocess (its own peak memory; a crash or hang costs only that variant).
 
 A variant is levers joined by '+': fp32 | bf16 (model.dtype), remat (model.remat), fused / xla
-(model.attention), mmgrad (model.conv_grad='matmul'), b<N> (train.batch_size), prefetch<N>
-(data.prefetch), or any `section.field=value`. --interleave times all variants in one process in
-turns, for fair ratios on a loaded machine.
+(model.attention), mmgrad (model.conv_grad='matmul'), gnfused (model.group_norm='fused'), b<N>
+(train.batch_size), prefetch<N> (data.prefetch), or any `section.field=value`. --interleave times all
+variants in one process in turns, for fair ratios on a loaded machine. --profile_dir=DIR adds, per
+variant, where the step's time goes (`idenc_jax.op_profile`).
 
 Batches are synthetic uint8 images of the training batch's structure, built on the host and fed
 through a prefetch thread of depth data.prefetch, as the trainer does; there is no data pipeline.

@@ -91,11 +91,16 @@ def parse_hlo(text: str) -> tuple[str, dict[str, HloOp]]:
 
 
 def category(op: HloOp) -> str:
-  """The kind of work an instruction does (one of CATEGORIES)."""
+  """The kind of work an instruction does (one of CATEGORIES).
+
+  From what it contains; the source path's primitive decides only for opaque library calls and
+  custom fusions (a loop fusion that carries a convolution's source path is still elementwise work).
+  """
   inside = set(op.called) | {op.opcode}
   target = op.target.lower()
-  primitive = op.op_name.rsplit('/', 1)[-1]
-  if 'fmha' in target or 'flash' in target or 'dot_product_attention' in op.op_name:
+  opaque = op.opcode == 'custom-call' or op.fusion_kind == 'kCustom'
+  primitive = op.op_name.rsplit('/', 1)[-1] if opaque else ''
+  if 'fmha' in target or 'flash' in target or (opaque and 'dot_product_attention' in op.op_name):
     return 'attention (fused)'
   if ('convolution' in inside or 'conv' in target or any('conv' in c.lower() for c in op.called)
       or primitive.startswith('conv_general_dilated')):
@@ -113,8 +118,6 @@ def category(op: HloOp) -> str:
   if op.opcode == 'fusion' or op.opcode in ('add', 'multiply', 'subtract', 'divide', 'exponential', 'select',
                                             'convert', 'broadcast', 'maximum', 'minimum', 'concatenate'):
     return 'elementwise'
-  if 'transpose' in op.name or op.name.startswith('copy'):
-    return 'copy/transpose'
   return 'other'
 
 
