@@ -383,8 +383,10 @@ def _memory(compiled) -> tuple[int | None, int | None]:
   estimate = None
   try:
     m = compiled.memory_analysis()
-    estimate = int(getattr(m, 'peak_memory_in_bytes', 0) or 0) or int(
-        m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+    # XLA:CPU's peak_memory_in_bytes leaves the temporaries out (arguments + outputs only), so the
+    # larger of it and arguments + outputs + temporaries - aliased: an upper bound on every backend.
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    estimate = int(max(getattr(m, 'peak_memory_in_bytes', 0) or 0, total))
   except Exception:  # pylint: disable=broad-except
     pass
   return device_peak, estimate
