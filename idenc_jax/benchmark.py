@@ -500,6 +500,8 @@ class TrainBench:
     self.feeder = _Feeder(self.host_batches, int(config.data.prefetch))
     self.times: list[float] = []
     self.metrics = None
+    self.sample = None                   # (compiled sampling call, its arguments) once compiled
+    self.sample_times: list[float] = []
 
   def step(self, timed: bool = True) -> float:
     """One train step, from taking the batch to the updated state being ready; returns seconds."""
@@ -540,15 +542,38 @@ class TrainBench:
     self.feeder.close()
     r['sample_batch'], r['sample_step_ms'] = sample_batch, None
     if sample_batch:
-      params = self.state.params['generator']
-      compiled, args, r['sample_compile_s'] = compile_sample_step(self.config, params, sample_batch)
-      r['sample_step_ms'] = 1e3 * _time_calls(lambda: compiled(*args), sample_repeats, warmup=2)
+      if self.sample is None:
+        self.compile_sample(sample_batch)
+      if self.sample_times:   # timed in turns with other variants (run_interleaved)
+        r['sample_step_ms'] = 1e3 * float(_STATISTICS[statistic](self.sample_times))
+      else:
+        compiled, args = self.sample
+        r['sample_step_ms'] = 1e3 * _time_calls(lambda: compiled(*args), sample_repeats, warmup=2)
       self.log(f'sample step {r["sample_step_ms"]:.1f} ms')
       if profile_dir:
         r['sample_profile'] = _profile_digest(profile_sample(
-            self.config, params, sample_batch, profile_dir, compiled_step=(compiled, args)))
-    self.state = self.compiled = None   # free device memory before the next variant
+            self.config, None, sample_batch, profile_dir, compiled_step=self.sample))
+    self.state = self.compiled = self.sample = None   # free device memory before the next variant
     return r
+
+  def compile_sample(self, batch: int) -> None:
+    """Compiles the sampling step's network call at `batch` on a copy of the generator's parameters
+    (the train step donates, and so deletes, the state's own buffers)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    params = jax.tree.map(lambda a: a.copy(), self.state.params['generator'])
+    compiled, args, self.record['sample_compile_s'] = compile_sample_step(self.config, params, batch)
+    self.sample = (compiled, args)
+
+  def sample_step(self, timed: bool = True) -> float:
+    """One sampling-step network call, synchronised; returns seconds."""
+    import jax  # pylint: disable=g-import-not-at-top
+    compiled, args = self.sample
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    seconds = time.perf_counter() - t0
+    if timed:
+      self.sample_times.append(seconds)
+    return seconds
 
 
 def add_mfu(record: dict, peak_flops: float, source: str, matmul_flops: float | None = None) -> dict:
@@ -588,8 +613,8 @@ def run_interleaved(configs: dict[str, Any], *, steps: int = 5, warmup: int = 2,
                     compiler_options: dict | None = None, profile_dir: str = '') -> list[dict[str, Any]]:
   """All variants compiled first, then timed in turns (A B C A B C ...), each round also timing the
   peak matmul of every compute dtype, so that a shared machine's changing load affects every
-  variant and the peak alike; their ratios (and MFU) stay fair. The sampling step is timed for the
-  first variant only."""
+  variant and the peak alike; their ratios (and MFU) stay fair. With `sample_batch`, each round also
+  times every variant's sampling step."""
   import jax  # pylint: disable=g-import-not-at-top
   if steps < 1 or warmup < 0:
     raise ValueError(f'need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}.')
@@ -597,12 +622,17 @@ def run_interleaved(configs: dict[str, Any], *, steps: int = 5, warmup: int = 2,
   for name, config in configs.items():
     benches[name] = TrainBench(config, lambda s, n=name: log(f'{n}: {s}'), compiler_options,
                                first_in_process=len(configs) == 1)
+  if sample_batch:
+    for bench in benches.values():
+      bench.compile_sample(sample_batch)
   probes = {} if peak_flops else {
       c.model.dtype: matmul_probe(c.model.dtype, peak_matmul_size) for c in configs.values()}
   probe_times = {dtype: [] for dtype in probes}
   for i in range(warmup + steps):
     for bench in benches.values():
       bench.step(timed=i >= warmup)
+      if sample_batch:
+        bench.sample_step(timed=i >= warmup)
     for dtype, (call, _) in probes.items():
       t0 = time.perf_counter()
       jax.block_until_ready(call())
@@ -612,8 +642,8 @@ def run_interleaved(configs: dict[str, Any], *, steps: int = 5, warmup: int = 2,
   peaks = {dtype: flops / float(_STATISTICS[statistic](probe_times[dtype]))
            for dtype, (_, flops) in probes.items()}
   records = []
-  for index, (name, bench) in enumerate(benches.items()):
-    record = {'variant': name, **bench.finish(sample_batch if index == 0 else 0, max(steps, 3), statistic,
+  for name, bench in benches.items():
+    record = {'variant': name, **bench.finish(sample_batch, max(steps, 3), statistic,
                                               profile_dir and os.path.join(profile_dir, _dirname(name)))}
     dtype = configs[name].model.dtype
     records.append(add_mfu(record, peak_flops or peaks[dtype], 'flag' if peak_flops else 'measured'))

@@ -107,3 +107,16 @@ def test_synthetic_batch_structure():
 def test_table_reports_failed_variants():
   table = bm.format_table([{'variant': 'bf16+b512', 'error': 'RESOURCE_EXHAUSTED: out of memory'}])
   assert 'FAILED' in table and 'RESOURCE_EXHAUSTED' in table
+
+
+def test_interleaved_variants_time_train_and_sampling_steps_in_turns():
+  configs = {v: bm.load_config('configs/base.py:tiny,stage0', bm.variant_overrides(v))
+             for v in ('fp32', 'gnfused')}
+  records = bm.run_interleaved(configs, steps=2, warmup=0, sample_batch=2, peak_flops=1e10,
+                               compiler_options=bm.FAST_COMPILE)
+  assert [r['variant'] for r in records] == ['fp32', 'gnfused']
+  for r in records:
+    assert r['timed_steps'] == 2 and r['finite']
+    assert r['sample_step_ms'] > 0 and r['sample_batch'] == 2   # every variant, not the first only
+    assert r['mfu'] == pytest.approx(r['flops_per_image_analytic'] * r['train_images_per_s'] / 1e10)
+  assert records[0]['loss'] == pytest.approx(records[1]['loss'], rel=1e-4)   # the same function
