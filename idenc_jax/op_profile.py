@@ -292,6 +292,8 @@ def _parse_args(argv: Iterable[str]):
   p.add_argument('--sample_batch', type=int, default=0, help='also profile the sampling step at this batch')
   p.add_argument('--out', default='/tmp/idenc_op_profile', help='directory for the traces and summaries')
   p.add_argument('--top', type=int, default=20, help='operations listed')
+  p.add_argument('--fast_compile', action='store_true',
+                 help='compile the train step at LLVM -O0 (a smoke test: the profile is then not representative)')
   args, rest = p.parse_known_args(list(argv))
   overrides = {}
   for item in rest:
@@ -307,7 +309,8 @@ def main(argv=None) -> dict:
   args, overrides = _parse_args(sys.argv[1:] if argv is None else argv)
   config = benchmark.load_config(args.config, {**overrides, **benchmark.variant_overrides(args.variant)})
   os.makedirs(args.out, exist_ok=True)
-  bench = benchmark.TrainBench(config, log=lambda s: print(f'[op_profile] {s}', file=sys.stderr))
+  bench = benchmark.TrainBench(config, log=lambda s: print(f'[op_profile] {s}', file=sys.stderr),
+                               compiler_options=benchmark.FAST_COMPILE if args.fast_compile else None)
   result = {'train': benchmark.profile_train(bench, args.out, args.steps, top=args.top)}
   print(format_summary(result['train'], 'train step'))
   if args.sample_batch:

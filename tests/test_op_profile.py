@@ -146,3 +146,17 @@ def test_profile_of_a_real_cpu_step(tmp_path):
   with open(os.path.join(tmp_path, 'toy.json')) as fh:
     assert json.load(fh)['module'] == s['module']
   assert not any(name.endswith('.xplane.pb') for _, _, files in os.walk(tmp_path) for name in files)
+
+
+def test_cli_profiles_train_and_sampling_steps(tmp_path, capsys):
+  result = op.main(['--config=configs/base.py:tiny,stage0', '--variant=gnfused', '--steps=1',
+                    '--sample_batch=2', f'--out={tmp_path}', '--fast_compile', '--top=5'])
+  out = capsys.readouterr().out
+  assert 'train step: operations' in out and 'sampling step at batch 2' in out
+  assert json.loads(out.strip().splitlines()[-1]).keys() == {'train', 'sample'}
+  train = result['train']
+  assert train['by_part_ms'].get('UNet backward', 0) > 0 and train['by_part_ms'].get('UNet forward', 0) > 0
+  assert len(train['top_ops']) == 5
+  assert set(result['sample']['by_part_ms']) <= {'UNet forward', 'outside the networks'}   # no backward
+  assert os.path.exists(os.path.join(tmp_path, 'train_profile.json'))
+  assert os.path.exists(os.path.join(tmp_path, 'sample_profile.json'))
