@@ -102,11 +102,13 @@ def category(op: HloOp) -> str:
   primitive = op.op_name.rsplit('/', 1)[-1] if opaque else ''
   if 'fmha' in target or 'flash' in target or (opaque and 'dot_product_attention' in op.op_name):
     return 'attention (fused)'
-  if ('convolution' in inside or 'conv' in target or any('conv' in c.lower() for c in op.called)
+  # Library targets inside fusions are matched by name, opcodes exactly ('conv' is in 'convert').
+  libraries = ' '.join(c.lower() for c in op.called if c.startswith('__'))
+  if ('convolution' in inside or 'conv' in target or 'conv' in libraries
       or primitive.startswith('conv_general_dilated')):
     return 'convolution'
-  if ('dot' in inside or 'gemm' in target or 'matmul' in target or any('gemm' in c.lower() for c in op.called)
-      or primitive == 'dot_general'):
+  if ('dot' in inside or 'gemm' in target or 'matmul' in target or 'gemm' in libraries
+      or 'matmul' in libraries or primitive == 'dot_general'):
     return 'matmul'
   if op.opcode in _COLLECTIVES or any(c.startswith(_COLLECTIVES) for c in inside):
     return 'communication'

@@ -23,6 +23,11 @@ HLO = """HloModule jit_train_step, is_scheduled=true, entry_computation_layout={
   ROOT %transpose.3 = f32[4,8]{1,0} transpose(%param_0.1), dimensions={1,0}
 }
 
+%fused_computation.4 (param_0.3: u32[8,4]) -> f32[8,4] {
+  %param_0.3 = u32[8,4]{1,0} parameter(0)
+  ROOT %convert.2 = f32[8,4]{1,0} convert(%param_0.3)
+}
+
 %fused_computation.3 (param_0.2: f32[8,4]) -> f32[8] {
   %param_0.2 = f32[8,4]{1,0} parameter(0)
   %constant.1 = f32[] constant(0)
@@ -38,6 +43,7 @@ ENTRY %main.9 (Arg_0.1: f32[2,8,8,4], Arg_1.2: f32[3,3,4,4]) -> f32[] {
   %fusion.3 = f32[8]{0} fusion(%fusion.1), kind=kInput, calls=%fused_computation.3, metadata={op_name="jit(train_step)/jvp(IdentityEncoder)/trunk/norm_0/reduce_sum"}
   %cublas-gemm.1 = f32[8,8]{1,0} custom-call(%fusion.1, %fusion.1), custom_call_target="__cublas$gemm", metadata={op_name="jit(train_step)/jvp(UNet)/mid_attn/query/dot_general"}
   %copy.4 = f32[8,4]{1,0} copy(%fusion.1), metadata={op_name="jit(train_step)/mul"}
+  %fusion.6 = f32[8,4]{1,0} fusion(%copy.4), kind=kLoop, calls=%fused_computation.4
   %fusion.5 = f32[8,4]{1,0} fusion(%fusion.1), kind=kLoop, calls=%fused_computation.1, metadata={op_name="jit(train_step)/jvp(UNet)/conv_0/conv_general_dilated"}
   %all-reduce.1 = f32[8]{0} all-reduce(%fusion.3), replica_groups={}, to_apply=%add
   ROOT %fmha.1 = f32[] custom-call(%fusion.1), custom_call_target="__cudnn$fmhaSoftmax"
@@ -63,7 +69,8 @@ def test_categories_and_parts():
   want = {'custom-call.7': 'convolution', 'custom-call.8': 'convolution', 'fusion.1': 'elementwise',
           'fusion.2': 'copy/transpose', 'fusion.3': 'reduction', 'cublas-gemm.1': 'matmul',
           'copy.4': 'copy/transpose', 'all-reduce.1': 'communication', 'fmha.1': 'attention (fused)',
-          'fusion.5': 'elementwise'}   # a convolution's source path on a loop fusion: still elementwise
+          'fusion.5': 'elementwise',   # a convolution's source path on a loop fusion: still elementwise
+          'fusion.6': 'elementwise'}   # a convert is no convolution
   assert {n: op.category(ops[n]) for n in want} == want
   assert op.part(ops['custom-call.7'], ops) == 'UNet forward'
   assert op.part(ops['fusion.1'], ops) == 'UNet backward'
