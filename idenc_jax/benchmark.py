@@ -455,8 +455,14 @@ def profile_sample(config, params, batch: int, out_dir: str, steps: int = 3, top
   return op_profile.profile_compiled(compiled, run, steps, out_dir, 'sample_profile', top=top)
 
 
-def _profile_digest(summary: dict) -> dict:
-  """The part of an op_profile summary that goes into a benchmark record."""
+def _profile_digest(profile: Callable[[], dict]) -> dict:
+  """The part of an op_profile summary that goes into a benchmark record. A profile that fails (no
+  profiler on this machine, a trace it cannot read) records its error instead: it must not cost the
+  variant's timings."""
+  try:
+    summary = profile()
+  except Exception as e:  # pylint: disable=broad-except
+    return {'error': f'{type(e).__name__}: {e}'}
   return {k: summary.get(k) for k in ('op_ms_per_step', 'wall_ms_per_step', 'by_category_ms', 'by_part_ms')}
 
 
@@ -537,7 +543,7 @@ class TrainBench:
     self.log(f'train step {r["train_step_ms"]:.1f} ms')
     if profile_dir:
       os.makedirs(profile_dir, exist_ok=True)
-      r['train_profile'] = _profile_digest(profile_train(self, profile_dir))
+      r['train_profile'] = _profile_digest(lambda: profile_train(self, profile_dir))
       self.log(f'train step profile in {profile_dir}')
     self.feeder.close()
     r['sample_batch'], r['sample_step_ms'] = sample_batch, None
@@ -551,7 +557,7 @@ class TrainBench:
         r['sample_step_ms'] = 1e3 * _time_calls(lambda: compiled(*args), sample_repeats, warmup=2)
       self.log(f'sample step {r["sample_step_ms"]:.1f} ms')
       if profile_dir:
-        r['sample_profile'] = _profile_digest(profile_sample(
+        r['sample_profile'] = _profile_digest(lambda: profile_sample(
             self.config, None, sample_batch, profile_dir, compiled_step=self.sample))
     self.state = self.compiled = self.sample = None   # free device memory before the next variant
     return r

@@ -111,7 +111,9 @@ for line in open(path) if os.path.exists(path) else []:
         f"matmul peak {r.get('matmul_flops_measured') or float('nan'):.3g}")
   for step in ('train_profile', 'sample_profile'):
     p = r.get(step)
-    if p:
+    if p and 'error' in p:
+      print(f"  {step[:-8]:<6} profile failed: {p['error'][:100]}")
+    elif p:
       total = p['op_ms_per_step'] or 1.0
       print(f"  {step[:-8]:<6} ops {p['op_ms_per_step']:7.2f} ms of wall {p['wall_ms_per_step'] or float('nan'):7.2f} ms: "
             + ', '.join(f"{k} {100 * v / total:.0f}%" for k, v in p['by_category_ms'].items() if v > 0.005 * total))

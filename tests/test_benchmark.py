@@ -120,3 +120,18 @@ def test_interleaved_variants_time_train_and_sampling_steps_in_turns():
     assert r['sample_step_ms'] > 0 and r['sample_batch'] == 2   # every variant, not the first only
     assert r['mfu'] == pytest.approx(r['flops_per_image_analytic'] * r['train_images_per_s'] / 1e10)
   assert records[0]['loss'] == pytest.approx(records[1]['loss'], rel=1e-4)   # the same function
+
+
+def test_a_failed_profile_keeps_the_timings(monkeypatch, tmp_path):
+  from idenc_jax import op_profile  # pylint: disable=g-import-not-at-top
+
+  def broken(*args, **kwargs):
+    raise ValueError('the trace holds no operation of module jit_train_step')
+
+  monkeypatch.setattr(op_profile, 'profile_compiled', broken)
+  config = bm.load_config('configs/base.py:tiny,stage0')
+  record = bm.run_variant(config, steps=1, warmup=0, sample_batch=2, peak_flops=1e10,
+                          compiler_options=bm.FAST_COMPILE, profile_dir=str(tmp_path))
+  assert record['train_step_ms'] > 0 and record['sample_step_ms'] > 0
+  assert 'no operation' in record['train_profile']['error']
+  assert 'no operation' in record['sample_profile']['error']
