@@ -165,16 +165,14 @@ def read_trace(trace_dir: str) -> dict:
 
 
 def _event_op(event: dict, ops: dict[str, HloOp]) -> str | None:
+  """The instruction an event ran: its `hlo_op` argument (GPU kernels; a comma-separated list where
+  one kernel serves several, charged to the first known) or its name (XLA:CPU thunks)."""
   args = event.get('args') or {}
   for candidate in (args.get('hlo_op'), event.get('name')):
-    if not candidate:
-      continue
-    candidate = str(candidate).lstrip('%')
-    if candidate in ops:
-      return candidate
-    head = re.split(r'[\s:]', candidate, 1)[0]
-    if head in ops:
-      return head
+    for name in str(candidate or '').split(','):
+      name = re.split(r'[\s:]', name.strip().lstrip('%'), maxsplit=1)[0]
+      if name in ops:
+        return name
   return None
 
 

@@ -95,8 +95,8 @@ def _gpu_trace():
   xla_op = lambda name, dur: {'ph': 'X', 'pid': 1, 'tid': 11, 'name': name, 'dur': dur}
   events = []
   for _ in range(2):   # two steps
-    events += [kernel('sm90_xmma_fprop', 'custom-call.7', 300.0), kernel('loop_multiply_fusion', 'fusion.1', 50.0),
-               kernel('reduce_fusion', 'fusion.3', 20.0), kernel('fusion_1', 'fusion.1', 7.0, 'jit_other')]
+    events += [kernel('sm90_xmma_fprop', 'custom-call.7', 300.0), kernel('loop_multiply_fusion', '%fusion.1', 50.0),
+               kernel('reduce_fusion', 'fusion.3,fusion.2', 20.0), kernel('fusion_1', 'fusion.1', 7.0, 'jit_other')]
     events += [xla_op('custom-call.7', 300.0), xla_op('fusion.1', 50.0), xla_op('fusion.3', 20.0)]
     events += [{'ph': 'X', 'pid': 2, 'tid': 3, 'name': 'fusion.1', 'dur': 999.0}]
   return {'traceEvents': meta + events}
