@@ -822,6 +822,9 @@ def _parse_args(argv):
   p.add_argument('--deadline', type=float, default=0.0,
                  help='seconds after launch by which variants must end: a variant starts only if one as '
                       'long as the longest so far would end in time (0: no deadline)')
+  p.add_argument('--deadline_fraction', type=float, default=1.0,
+                 help='with --deadline: start a variant if this fraction of the longest so far still fits '
+                      '(below 1 under an outer hard timeout: a variant cut short loses only itself)')
   p.add_argument('--check', action='store_true',
                  help='correctness instead of speed: each variant\'s fixed-batch loss on this device against '
                       'a CPU float32 reference (computed in a subprocess), and a few finite train steps')
@@ -839,6 +842,11 @@ def _parse_args(argv):
     key, value = item[len('--config.'):].split('=', 1)
     overrides[key] = value
   return args, overrides
+
+
+def fits_deadline(elapsed: float, longest: float, deadline: float, fraction: float = 1.0) -> bool:
+  """Whether a variant may start: `fraction` of the longest variant so far ends by the deadline (0: none)."""
+  return not deadline or elapsed + fraction * longest <= deadline
 
 
 def _dirname(variant: str) -> str:
@@ -931,7 +939,7 @@ def main(argv=None) -> dict:
     sample_batch = 0 if args.sample_first_only and index else args.sample_batch
     elapsed = time.monotonic() - launched
     began = time.monotonic()
-    if args.deadline and elapsed + longest > args.deadline:
+    if not fits_deadline(elapsed, longest, args.deadline, args.deadline_fraction):
       rec = {'variant': v, 'error': f'skipped: {elapsed:.0f} s + {longest:.0f} s would pass the deadline '
                                     f'of {args.deadline:.0f} s'}
     elif isolate:

@@ -135,3 +135,11 @@ def test_a_failed_profile_keeps_the_timings(monkeypatch, tmp_path):
   assert record['train_step_ms'] > 0 and record['sample_step_ms'] > 0
   assert 'no operation' in record['train_profile']['error']
   assert 'no operation' in record['sample_profile']['error']
+
+
+def test_deadline_rule():
+  assert bm.fits_deadline(100.0, 250.0, 0.0)            # no deadline
+  assert bm.fits_deadline(100.0, 250.0, 350.0)          # 100 + 250 = 350: ends just in time
+  assert not bm.fits_deadline(100.0, 250.0, 349.0)
+  assert bm.fits_deadline(100.0, 250.0, 300.0, 0.8)     # 100 + 200 = 300
+  assert not bm.fits_deadline(101.0, 250.0, 300.0, 0.8)
