@@ -8,8 +8,8 @@ under `jax.profiler.trace`, and prints per step: the time of the compiled module
 by part of the model (generator / encoders, forward / backward, everything outside the networks:
 noise, loss, optimizer, EMA), the most expensive operations with their source (the flax module path
 XLA keeps in each operation's metadata), and how much of the step's wall time no operation covers
-(host work, launch gaps). `python -m idenc_jax.benchmark --profile_dir=DIR` records the same for its
-first variant without compiling again.
+(host work, launch gaps). `python -m idenc_jax.benchmark --profile_dir=DIR` records the same for each
+variant it times, without compiling again.
 
 Each trace event is matched to an instruction of the optimised module by name (the event's `hlo_op`
 argument on GPUs, the event name itself for XLA:CPU's thunks); what an instruction is comes from its
