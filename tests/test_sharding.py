@@ -154,3 +154,16 @@ def test_mesh_shape_resolves_minus_one(data, fsdp, devices, expected):
 def test_mesh_shape_rejects_bad_shapes(data, fsdp, devices, message):
   with pytest.raises(ValueError, match=message):
     sharding_lib.mesh_shape(mesh_config(data, fsdp), devices)
+
+
+def test_fused_group_norm_trains_the_same_under_fsdp(problem):
+  """The fused group norm's own VJP under data x FSDP sharding: the same training as on one device
+  (its per-sample statistics stay on the device of their sample; its scale/bias gradients sum over
+  the batch across devices)."""
+  _, batches, host_state = problem
+  config = tt.tiny_config(**{'model.group_norm': 'fused'})
+  single = train(config, sharding_lib.make_mesh(mesh_config(1, 1), jax.devices()[:1]), host_state, batches)
+  sharded = tt.tiny_config(**{'model.group_norm': 'fused', 'mesh.data': 2, 'mesh.fsdp': 4})
+  state, metrics = train(sharded, sharding_lib.make_mesh(mesh_config(2, 4), jax.devices()), host_state,
+                         batches)
+  check_same_training(state, metrics, (jax.device_get(single[0]), single[1]))
