@@ -2,7 +2,8 @@
 
 Model-level: the loss and gradients of a fixed batch (random, non-zero parameters, so every layer
 matters) under each lever against the plain float32 XLA model, within the lever's dtype tolerance.
-Layer-level: the matmul-gradient convolution and the attention paths against numpy float64 formulas.
+Layer-level: the matmul-gradient convolution, the attention paths and the fused group norm against
+numpy float64 formulas (the fused norm's gradient against float64 central differences).
 """
 
 import jax
