@@ -442,13 +442,12 @@ def profile_train(bench: 'TrainBench', out_dir: str, steps: int = 3, top: int = 
                                      'train_profile', top=top)
 
 
-def profile_sample(config, params, batch: int, out_dir: str, steps: int = 3, top: int = 20,
-                   compiled_step=None) -> dict:
-  """`op_profile` breakdown of the sampling step's network call at `batch` (written to out_dir);
-  `compiled_step` = `compile_sample_step`'s (compiled, args) where it was compiled already."""
+def profile_sample(compiled_step, out_dir: str, steps: int = 3, top: int = 20) -> dict:
+  """`op_profile` breakdown of a sampling step's network call, `compile_sample_step`'s (compiled, args)
+  (written to out_dir)."""
   import jax  # pylint: disable=g-import-not-at-top
   from idenc_jax import op_profile  # pylint: disable=g-import-not-at-top
-  compiled, args = compiled_step or compile_sample_step(config, params, batch)[:2]
+  compiled, args = compiled_step
   run = lambda: jax.block_until_ready(compiled(*args))
   run()
   run()
@@ -557,8 +556,7 @@ class TrainBench:
         r['sample_step_ms'] = 1e3 * _time_calls(lambda: compiled(*args), sample_repeats, warmup=2)
       self.log(f'sample step {r["sample_step_ms"]:.1f} ms')
       if profile_dir:
-        r['sample_profile'] = _profile_digest(lambda: profile_sample(
-            self.config, None, sample_batch, profile_dir, compiled_step=self.sample))
+        r['sample_profile'] = _profile_digest(lambda: profile_sample(self.sample, profile_dir))
     self.state = self.compiled = self.sample = None   # free device memory before the next variant
     return r
 
@@ -834,11 +832,17 @@ def _parse_args(argv):
                       'DIR/<variant> and add its time by kind of operation to the record (idenc_jax.op_profile)')
   p.add_argument('--json_out', default='', help='also write the JSON object to this file')
   p.add_argument('--records_out', default='', help='append one JSON line per finished variant to this file')
-  args, rest = p.parse_known_args(argv)
+  return parse_known_with_overrides(p, argv)
+
+
+def parse_known_with_overrides(parser: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, dict]:
+  """(parsed flags, {'section.field': 'value'}) from --config.section.field=value arguments, as with
+  ml_collections' config flags; any other unknown argument is a parser error."""
+  args, rest = parser.parse_known_args(list(argv))
   overrides = {}
-  for item in rest:   # --config.section.field=value, as with ml_collections' config flags
+  for item in rest:
     if not item.startswith('--config.') or '=' not in item:
-      p.error(f'unrecognised argument {item!r}')
+      parser.error(f'unrecognised argument {item!r}')
     key, value = item[len('--config.'):].split('=', 1)
     overrides[key] = value
   return args, overrides

@@ -61,7 +61,7 @@ def parse_hlo(text: str) -> tuple[str, dict[str, HloOp]]:
   if first.startswith('HloModule '):
     module = first.split()[1].rstrip(',')
   contents: dict[str, list[str]] = collections.defaultdict(list)   # computation -> opcodes/targets
-  raw: list[tuple[str, str, str, str]] = []
+  raw = []   # (name, shape, opcode, rest of the line, custom-call target match)
   current = None
   for line in text.splitlines():
     head = _COMPUTATION.match(line)
@@ -72,15 +72,15 @@ def parse_hlo(text: str) -> tuple[str, dict[str, HloOp]]:
     if not m:
       continue
     name, shape, opcode, rest = m.groups()
-    target = re.search(r'custom_call_target="([^"]*)"', rest)
-    contents[current].append(target.group(1) if target else opcode)
-    raw.append((name, shape, opcode, rest))
+    call_target = re.search(r'custom_call_target="([^"]*)"', rest)
+    contents[current].append(call_target.group(1) if call_target else opcode)
+    raw.append((name, shape, opcode, rest, call_target))
   ops = {}
-  for name, shape, opcode, rest in raw:
+  for name, shape, opcode, rest, call_target in raw:
     op_name = re.search(r'op_name="([^"]*)"', rest)
     kind = re.search(r'kind=(\w+)', rest)
     # A custom call's target, or a custom fusion's kind (cuDNN / Triton GEMM / XLA:CPU's YNNPACK fusions).
-    target = re.search(r'custom_call_target="([^"]*)"', rest) or re.search(r'"kind":"(__[^"]*)"', rest)
+    target = call_target or re.search(r'"kind":"(__[^"]*)"', rest)
     calls = re.search(r'calls=%?([\w.\-]+)', rest)
     operands = tuple(re.findall(r'%([\w.\-]+)', rest[:rest.find(')')]))
     ops[name] = HloOp(name=name, opcode=opcode, shape=shape, op_name=op_name.group(1) if op_name else '',
@@ -294,14 +294,8 @@ def _parse_args(argv: Iterable[str]):
   p.add_argument('--top', type=int, default=20, help='operations listed')
   p.add_argument('--fast_compile', action='store_true',
                  help='compile the train step at LLVM -O0 (a smoke test: the profile is then not representative)')
-  args, rest = p.parse_known_args(list(argv))
-  overrides = {}
-  for item in rest:
-    if not item.startswith('--config.') or '=' not in item:
-      p.error(f'unrecognised argument {item!r}')
-    key, value = item[len('--config.'):].split('=', 1)
-    overrides[key] = value
-  return args, overrides
+  from idenc_jax import benchmark  # pylint: disable=g-import-not-at-top
+  return benchmark.parse_known_with_overrides(p, argv)
 
 
 def main(argv=None) -> dict:
@@ -314,8 +308,8 @@ def main(argv=None) -> dict:
   result = {'train': benchmark.profile_train(bench, args.out, args.steps, top=args.top)}
   print(format_summary(result['train'], 'train step'))
   if args.sample_batch:
-    result['sample'] = benchmark.profile_sample(config, bench.state.params['generator'], args.sample_batch,
-                                                args.out, args.steps, top=args.top)
+    bench.compile_sample(args.sample_batch)
+    result['sample'] = benchmark.profile_sample(bench.sample, args.out, args.steps, top=args.top)
     print(format_summary(result['sample'], f'sampling step at batch {args.sample_batch}'))
   bench.feeder.close()
   print(json.dumps({k: {kk: v[kk] for kk in ('op_ms_per_step', 'wall_ms_per_step', 'by_category_ms')}

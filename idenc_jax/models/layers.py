@@ -158,8 +158,7 @@ def fused_group_norm_silu(x, scale, bias, mult, add, groups: int, eps: float = 1
 
   x: [B, H, W, C]; scale, bias: [C]; mult, add: [B, C] (ones / zeros for a plain GroupNorm + SiLU).
   """
-  _, _, _, a, b = _fused_norm_coefficients(x, scale, bias, mult, add, groups, eps)
-  return nn.silu(x.astype(jnp.float32) * _expand(a) + _expand(b)).astype(x.dtype)
+  return _fused_norm_fwd(x, scale, bias, mult, add, groups, eps)[0]
 
 
 def _fused_norm_fwd(x, scale, bias, mult, add, groups, eps):
