@@ -47,8 +47,9 @@ def _assert_model_close(reference, overrides, tol_loss, tol_grad):
 
 
 def test_float32_levers_keep_the_model_loss_and_gradients(reference):
-  """remat + fused attention + matmul kernel gradients + fused group norm: the same float32 function, up to the order of
-  summation (each lever alone is checked per block below; one compile here keeps the suite fast)."""
+  """remat + fused attention + matmul kernel gradients + fused group norm: the same float32 function,
+  up to the order of summation (each lever alone is checked per block below; one compile here keeps the
+  suite fast)."""
   _assert_model_close(reference, {'model.remat': True, 'model.attention': 'fused',
                                   'model.conv_grad': 'matmul', 'model.group_norm': 'fused'}, 1e-5, 1e-4)
 
