@@ -26,7 +26,7 @@ def make_train_step(config, optimizer: optax.GradientTransformation):
     # Per-step randomness from the step number: a resumed run draws exactly the same numbers.
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, state.step)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(state.step)
