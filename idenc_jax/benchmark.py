@@ -13,8 +13,10 @@ generator forward at --sample_batch) and device. With several variants the objec
 runs in a fresh subprocess (its own peak memory; a crash or hang costs only that variant).
 
 A variant is levers joined by '+': fp32 | bf16 (model.dtype), remat (model.remat), fused / xla
-(model.attention), mmgrad (model.conv_grad='matmul'), gnfused (model.group_norm='fused'), b<N>
-(train.batch_size), prefetch<N> (data.prefetch), or any `section.field=value`. --interleave times all
+(model.attention), mmgrad (model.conv_grad='matmul'), gnfused / gnflax (model.group_norm), b<N>
+(train.batch_size), prefetch<N> (data.prefetch), or any `section.field=value`; a lever a variant does
+not name keeps the config's value (the cpu configs use the fused group norm, so their plain float32
+step is fp32+gnflax). --interleave times all
 variants in one process in turns, for fair ratios on a loaded machine. --profile_dir=DIR adds, per
 variant, where the step's time goes (`idenc_jax.op_profile`).
 
@@ -175,6 +177,7 @@ _LEVERS = {
     'xla': {'model.attention': 'xla'},
     'mmgrad': {'model.conv_grad': 'matmul'},
     'gnfused': {'model.group_norm': 'fused'},
+    'gnflax': {'model.group_norm': 'flax'},
 }
 
 

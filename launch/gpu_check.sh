@@ -39,7 +39,7 @@ fi
 
 if [ "${IDENC_GPU_CHECK_CPU:-0}" = 1 ]; then
   BENCH_CONFIG=configs/base.py:tiny; BATCH=16; SAMPLE=8; STEPS=2; WARMUP=1; PEAK=""
-  VARIANTS=bf16,bf16+gnfused; FAST=--fast_compile   # compile at -O0: the dry run checks the plumbing
+  VARIANTS=bf16+gnflax,bf16+gnfused; FAST=--fast_compile   # compile at -O0: the dry run checks the plumbing
   BUDGET=${IDENC_GPU_CHECK_BUDGET:-2400}; CHECK_TIMEOUT=1500
 else
   BENCH_CONFIG=configs/base.py:paper; BATCH=128; SAMPLE=128; STEPS=5; WARMUP=3
@@ -58,8 +58,10 @@ fi
 cat "$OUT/env.txt"
 
 echo "== (a) correctness, tiny config ($(elapsed) s)"
+# The tiny config defaults to the fused norm (as the cpu one): the reference and the plain variants
+# use nn.GroupNorm, bf16+gnfused the fused op.
 timeout "$CHECK_TIMEOUT" $PY -m idenc_jax.benchmark --check --config=configs/base.py:tiny \
-  --variants=bf16+gnfused,bf16,fp32 --steps=3 $FAST --json_out="$OUT/check.json" 2>>"$LOG" | grep -v '^{'
+  --config.model.group_norm=flax --variants=bf16+gnfused,bf16,fp32 --steps=3 $FAST --json_out="$OUT/check.json" 2>>"$LOG" | grep -v '^{'
 CHECK_RC=${PIPESTATUS[0]}
 [ $CHECK_RC = 0 ] || echo "correctness check exited with $CHECK_RC (see log.txt)"
 

@@ -65,6 +65,10 @@ def test_variant_levers():
     bm.variant_overrides('bf17')
   config = bm.load_config('configs/base.py:cpu', bm.variant_overrides('bf16+remat+b64'))
   assert (config.model.dtype, config.model.remat, config.train.batch_size) == ('bfloat16', True, 64)
+  # Unnamed levers keep the config's value: the cpu model's fused norm, the paper model's flax one.
+  assert config.model.group_norm == 'fused'
+  assert bm.load_config('configs/base.py:cpu', bm.variant_overrides('fp32+gnflax')).model.group_norm == 'flax'
+  assert bm.load_config('configs/base.py:paper', bm.variant_overrides('bf16')).model.group_norm == 'flax'
 
 
 def test_overrides_are_typed_and_checked():
