@@ -61,7 +61,8 @@ echo "== (a) correctness, tiny config ($(elapsed) s)"
 # The tiny config defaults to the fused norm (as the cpu one): the reference and the plain variants
 # use nn.GroupNorm, bf16+gnfused the fused op.
 timeout "$CHECK_TIMEOUT" $PY -m idenc_jax.benchmark --check --config=configs/base.py:tiny \
-  --config.model.group_norm=flax --variants=bf16+gnfused,bf16,fp32 --steps=3 $FAST --json_out="$OUT/check.json" 2>>"$LOG" | grep -v '^{'
+  --config.model.group_norm=flax --variants=bf16+gnfused,bf16,fp32 --steps=3 $FAST \
+  --json_out="$OUT/check.json" 2>>"$LOG" | grep -v '^{'
 CHECK_RC=${PIPESTATUS[0]}
 [ $CHECK_RC = 0 ] || echo "correctness check exited with $CHECK_RC (see log.txt)"
 
