@@ -180,7 +180,7 @@ def _paper_config() -> config_dict.ConfigDict:
 
 
 def _apply_cpu(c):
-  """A 32x32 model (0.6M-parameter generator, 0.2M encoder) whose 2,000 steps at batch 16 take about 13
+  """A 32x32 model (0.6M-parameter generator, 0.2M encoder) whose 2,000 steps at batch 16 take 5-13
   minutes on a 2-core CPU. Continue the same workdir with a larger `train.num_steps` to train longer:
   the resumed run equals one that was asked for more steps from the start (README, "main job")."""
   c.model.resolution = 32
