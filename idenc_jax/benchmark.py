@@ -8,9 +8,10 @@ with block_until_ready), compile_s, peak_memory_bytes, flops_per_image_xla (XLA'
 of the compiled step / batch),
 flops_per_image_analytic (`idenc_jax.flops`), peak_flops (--peak_flops, else a large matmul in the
 compute dtype on the same device), mfu (analytic FLOPs x images/s / peak), sample_step_ms (one
-generator forward at --sample_batch) and device. With several variants the object also holds
-`variants`, one such record per variant with its `speedup` over the first; by default each variant
-runs in a fresh subprocess (its own peak memory; a crash or hang costs only that variant).
+generator forward at --sample_batch) and device (with host: CPU model, cores, jax version). With
+several variants the object also holds `variants`, one such record per variant with its `speedup`
+over the first; by default each variant runs in a fresh subprocess (its own peak memory; a crash or
+hang costs only that variant).
 
 A variant is levers joined by '+': fp32 | bf16 (model.dtype), remat (model.remat), fused / xla
 (model.attention), mmgrad (model.conv_grad='matmul'), gnfused / gnflax (model.group_norm), b<N>
@@ -373,6 +374,21 @@ def device_name() -> str:
   return f'{d.platform}:{d.device_kind}'
 
 
+def host_info() -> str:
+  """The host CPU's model, the cores this process may use and the jax version ('cpu:cpu' alone does
+  not say which machine a CPU figure came from)."""
+  import platform  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  model = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      model = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), model)
+  except OSError:
+    pass
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return f'{model}, {cores} cores, jax {jax.__version__}'
+
+
 def _memory(compiled) -> tuple[int | None, int | None]:
   """(device peak bytes in use, compiled-executable estimate); either may be None."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -478,9 +494,10 @@ class TrainBench:
     self.config, self.log, self.first_in_process = config, log, first_in_process
     b = config.train.batch_size
     self.record: dict[str, Any] = {
-        'device': device_name(), 'batch_size': b, 'dtype': config.model.dtype,
+        'device': device_name(), 'host': host_info(), 'batch_size': b, 'dtype': config.model.dtype,
         'remat': bool(config.model.remat), 'attention': config.model.attention,
-        'conv_grad': config.model.conv_grad, 'prefetch': int(config.data.prefetch)}
+        'conv_grad': config.model.conv_grad, 'group_norm': config.model.group_norm,
+        'prefetch': int(config.data.prefetch)}
     self.host_batches = [synthetic_batch(config, seed) for seed in range(3)]
     t0 = time.perf_counter()
     self.state, optimizer = build_state(config)
@@ -712,7 +729,8 @@ def run_check(config_spec: str, overrides: dict[str, Any], variants: list[str], 
     ref_path = os.path.join(tmp, 'reference.json')
     proc = cpu_reference_process(config_spec, overrides, ref_path, fast_compile)
     options = FAST_COMPILE if fast_compile else None
-    result: dict[str, Any] = {'device': device_name(), 'config': config_spec, 'variants': {}}
+    result: dict[str, Any] = {'device': device_name(), 'host': host_info(), 'config': config_spec,
+                              'variants': {}}
     for index, v in enumerate(variants):
       config = load_config(config_spec, {**overrides, **variant_overrides(v)})
       rec: dict[str, Any] = {}

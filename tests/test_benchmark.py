@@ -3,6 +3,7 @@
 import json
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -20,8 +21,9 @@ def test_cli_prints_one_json_object_with_every_key(capsys):
   for key in bm.KEYS:
     assert record[key] is not None, key
   assert record['device'] == 'cpu:cpu' and record['finite']
+  assert record['host'].endswith(f' cores, jax {jax.__version__}')
   b = record['batch_size']
-  assert b == 16 and record['prefetch'] == 1
+  assert b == 16 and record['prefetch'] == 1 and record['group_norm'] == 'fused'   # tiny's default
   # Derived numbers from their definitions.
   assert record['train_images_per_s'] == pytest.approx(1e3 * b / record['train_step_ms'])
   assert record['peak_flops'] == 1e10 and record['peak_flops_source'] == 'flag'
@@ -115,15 +117,31 @@ def test_table_reports_failed_variants():
 
 def test_interleaved_variants_time_train_and_sampling_steps_in_turns():
   configs = {v: bm.load_config('configs/base.py:tiny,stage0', bm.variant_overrides(v))
-             for v in ('fp32', 'gnfused')}
+             for v in ('gnflax', 'gnfused')}
   records = bm.run_interleaved(configs, steps=2, warmup=0, sample_batch=2, peak_flops=1e10,
                                compiler_options=bm.FAST_COMPILE)
-  assert [r['variant'] for r in records] == ['fp32', 'gnfused']
+  assert [(r['variant'], r['group_norm']) for r in records] == [('gnflax', 'flax'), ('gnfused', 'fused')]
   for r in records:
     assert r['timed_steps'] == 2 and r['finite']
     assert r['sample_step_ms'] > 0 and r['sample_batch'] == 2   # every variant, not the first only
     assert r['mfu'] == pytest.approx(r['flops_per_image_analytic'] * r['train_images_per_s'] / 1e10)
   assert records[0]['loss'] == pytest.approx(records[1]['loss'], rel=1e-4)   # the same function
+
+
+def test_gpu_check_compares_each_variant_with_a_cpu_float32_reference():
+  """run_check (launch/gpu_check.sh, part a) with the CPU standing in for the GPU: float32 matches the
+  reference computed in a separate JAX_PLATFORMS=cpu process, bf16 + fused norm is within bf16's
+  tolerance and trains finitely, and a variant computing another function (8 groups per norm, not
+  tiny's 4; the same parameter tree) fails the check."""
+  result = bm.run_check('configs/base.py:tiny', {'model.group_norm': 'flax'},
+                        ['bf16+gnfused', 'fp32', 'model.num_groups=8'], steps=2, fast_compile=True)
+  v = result['variants']
+  assert v['fp32']['pass'] and v['fp32']['loss_rel_err'] <= 1e-6
+  assert v['bf16+gnfused']['pass'] and v['bf16+gnfused']['train_steps']['final_step'] == 2
+  assert 1e-6 < v['bf16+gnfused']['loss_rel_err'] <= bm.CHECK_TOLERANCES['bfloat16'][0]   # bf16 did run
+  assert not v['model.num_groups=8']['pass'] and v['model.num_groups=8']['loss_rel_err'] > 1e-3
+  assert not result['pass'] and result['host'] == bm.host_info()
+  assert 'FAIL' in bm.format_check(result)
 
 
 def test_a_failed_profile_keeps_the_timings(monkeypatch, tmp_path):
