@@ -17,9 +17,8 @@ A variant is levers joined by '+': fp32 | bf16 (model.dtype), remat (model.remat
 (model.attention), mmgrad (model.conv_grad='matmul'), gnfused / gnflax (model.group_norm), b<N>
 (train.batch_size), prefetch<N> (data.prefetch), or any `section.field=value`; a lever a variant does
 not name keeps the config's value (the cpu configs use the fused group norm, so their plain float32
-step is fp32+gnflax). --interleave times all
-variants in one process in turns, for fair ratios on a loaded machine. --profile_dir=DIR adds, per
-variant, where the step's time goes (`idenc_jax.op_profile`).
+step is fp32+gnflax). --interleave times all variants in one process in turns, for fair ratios on a
+loaded machine. --profile_dir=DIR adds, per variant, where the step's time goes (`idenc_jax.op_profile`).
 
 Batches are synthetic uint8 images of the training batch's structure, built on the host and fed
 through a prefetch thread of depth data.prefetch, as the trainer does; there is no data pipeline.
