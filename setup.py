@@ -14,7 +14,7 @@ setup(
     name='idenc_jax',
     version='0.1.0',
     description='Identity Encoder for Personalized Diffusion: training, sampling and evaluation in JAX/Flax.',
-    packages=find_packages(include=['idenc_jax', 'idenc_jax.*']),
+    packages=find_packages(include=['idenc_jax', 'idenc_jax.*', 'configs']),
     python_requires='>=3.11',
     install_requires=requirements,
 )

@@ -6,17 +6,16 @@ Parses flags, optionally joins a multi-host job, and hands over to one importabl
 import importlib
 import importlib.util
 import os
-import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from idenc_jax import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Configuration file (configs/base.py[:variant]).',
-                                lock_config=True)
+cli.define_config_flag()
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
 flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'What to run.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flag_as_required('workdir')
 
 
 def initialize_distributed():
@@ -95,44 +94,5 @@ def main(argv):
   mode_function(FLAGS.mode)(config, FLAGS.workdir)
 
 
-def _unknown_overrides(argv: list[str]) -> list[str]:
-  """The `--config.a.b=...` overrides of argv that name no field of the selected config."""
-  spec_arg = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
-  if spec_arg is None:
-    return []
-  path, _, variant = spec_arg.partition(':')
-  spec = importlib.util.spec_from_file_location('_idenc_config_check', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(variant) if variant else module.get_config()
-  unknown = []
-  for arg in argv:
-    if not arg.startswith('--config.'):
-      continue
-    node = config
-    for part in arg[len('--config.'):].split('=', 1)[0].split('.'):
-      if not hasattr(node, 'keys') or part not in node:
-        unknown.append(arg)
-        break
-      node = node[part]
-  return unknown
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a clear message for a misspelt config override (fields are locked)."""
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:
-    try:
-      unknown = _unknown_overrides(argv)
-    except Exception:  # pylint: disable=broad-except  (the message below still helps)
-      unknown = []
-    what = (f'no such config field: {", ".join(unknown)}' if unknown else
-            f'a --config.* override names no field of the config ({e})')
-    sys.stderr.write(f'FATAL Flags parsing error: {what}. Config fields are locked; check the spelling '
-                     'against configs/base.py.\n')
-    sys.exit(1)
-
-
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main)

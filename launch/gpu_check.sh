@@ -60,7 +60,7 @@ cat "$OUT/env.txt"
 echo "== (a) correctness, tiny config ($(elapsed) s)"
 # The tiny config defaults to the fused norm (as the cpu one): the reference and the plain variants
 # use nn.GroupNorm, bf16+gnfused the fused op.
-timeout "$CHECK_TIMEOUT" $PY -m idenc_jax.benchmark --check --config=configs/base.py:tiny \
+timeout "$CHECK_TIMEOUT" $PY -m idenc_jax.perf.benchmark --check --config=configs/base.py:tiny \
   --config.model.group_norm=flax --variants=bf16+gnfused,bf16,fp32 --steps=3 $FAST \
   --json_out="$OUT/check.json" 2>>"$LOG" | grep -v '^{'
 CHECK_RC=${PIPESTATUS[0]}
@@ -75,7 +75,7 @@ REMAINING=$(( BUDGET - $(elapsed) ))
 # variants after the first report their executable's memory, the first the device's high-water mark).
 # A variant starts if 80% of the longest so far would end by the deadline (later variants reuse the
 # autotuning); `timeout` ends a hang or an overrun, and finished variants are already in bench.jsonl.
-timeout $(( REMAINING + 10 )) $PY -m idenc_jax.benchmark --config="$BENCH_CONFIG" \
+timeout $(( REMAINING + 10 )) $PY -m idenc_jax.perf.benchmark --config="$BENCH_CONFIG" \
   --config.train.batch_size=$BATCH --variants="$VARIANTS" --steps=$STEPS --warmup=$WARMUP \
   --sample_batch=$SAMPLE $PEAK --measure_matmul --isolate=no $FAST --profile_dir="$PROFILES" \
   --deadline=$(( REMAINING - 10 )) --deadline_fraction=0.8 \

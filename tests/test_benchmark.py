@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from idenc_jax import benchmark as bm
-from idenc_jax import flops
+from idenc_jax.perf import benchmark as bm
+from idenc_jax.perf import flops
 
 
 def test_cli_prints_one_json_object_with_every_key(capsys):
@@ -145,7 +145,7 @@ def test_gpu_check_compares_each_variant_with_a_cpu_float32_reference():
 
 
 def test_a_failed_profile_keeps_the_timings(monkeypatch, tmp_path):
-  from idenc_jax import op_profile  # pylint: disable=g-import-not-at-top
+  from idenc_jax.perf import op_profile  # pylint: disable=g-import-not-at-top
 
   def broken(*args, **kwargs):
     raise ValueError('the trace holds no operation of module jit_train_step')

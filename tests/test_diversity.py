@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from idenc_jax.evaluate import diversity
+from idenc_jax.evaluate.metrics import diversity
 
 
 def _constant(values, h=2, w=3, c=3):

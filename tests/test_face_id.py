@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from idenc_jax.data import align
-from idenc_jax.evaluate import face_id
+from idenc_jax.evaluate.metrics import face_id
 
 CELEBA = Path(os.environ.get('IDENC_CELEBA_DIR',
                              Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'celeba_id128'))

@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
 import base  # noqa: E402  pylint: disable=wrong-import-position
 
-from idenc_jax import finetune, models  # noqa: E402
+from idenc_jax.personalize import finetune, models  # noqa: E402
 from idenc_jax.data import synthetic  # noqa: E402
 from idenc_jax.diffusion import schedules  # noqa: E402
 

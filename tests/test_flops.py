@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs.base import get_config
-from idenc_jax import flops, models
+from idenc_jax import models
+from idenc_jax.perf import flops
 from idenc_jax.models import layers
 
 S = jax.ShapeDtypeStruct

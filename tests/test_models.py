@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from configs.base import get_config
-from idenc_jax import losses, models
+from idenc_jax import models
+from idenc_jax.train import losses
 
 
 def _count(tree):
@@ -85,7 +86,7 @@ def test_aggregate_is_permutation_invariant(tiny):
   config, _, enc, _, ep = tiny
   r = config.model.resolution
   refs = jax.random.uniform(jax.random.key(7), (5, r, r, 3), minval=-1, maxval=1)
-  embed = jax.jit(lambda x: losses.aggregate_embeddings(enc.apply(ep, x)))
+  embed = jax.jit(lambda x: models.encoder.aggregate_embeddings(enc.apply(ep, x)))
   a = embed(refs)
   b = embed(refs[jnp.array([3, 1, 4, 0, 2])])
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

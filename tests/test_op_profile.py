@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idenc_jax import op_profile as op
+from idenc_jax.perf import op_profile as op
 
 HLO = """HloModule jit_train_step, is_scheduled=true, entry_computation_layout={()->f32[]}
 

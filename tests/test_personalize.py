@@ -12,7 +12,7 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
 import base  # noqa: E402  pylint: disable=wrong-import-position
 
-from idenc_jax import personalize  # noqa: E402
+from idenc_jax.personalize import personalizer as personalize  # noqa: E402
 from idenc_jax.data import align  # noqa: E402
 from idenc_jax.train import checkpoint as ckpt_lib  # noqa: E402
 from idenc_jax.train import state as state_lib  # noqa: E402

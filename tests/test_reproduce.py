@@ -1,7 +1,7 @@
 """The reproduction script's tables (idenc_jax/reproduce.py) from a results dict: every row it is given
 lands in the Markdown with its numbers, the paper's figures beside them."""
 
-from idenc_jax import reproduce
+from idenc_jax.experiments import reproduce
 
 
 def _metrics(v):

@@ -11,7 +11,8 @@ import pytest
 from flax import traverse_util
 
 from configs.base import get_config
-from idenc_jax import losses, models
+from idenc_jax import models
+from idenc_jax.train import losses
 from idenc_jax.data import degrade
 from idenc_jax.data import pipeline
 from idenc_jax.data import sources as sources_lib
@@ -266,7 +267,7 @@ def test_pipeline_inpaint_condition_and_process_invariance():
 # ---------------------------------------------------------------------------------------------------------
 def test_restorer_reads_degraded_inputs(setup, tmp_path):
   from PIL import Image
-  from idenc_jax import restore
+  from idenc_jax.personalize import restorer as restore
   config, _, params = setup
   restorer = restore.Restorer(config, params)   # inpainting, 8 px
   rng = np.random.default_rng(0)
@@ -332,7 +333,7 @@ def test_restoration_pixel_metrics_and_baselines():
 
 
 def test_projection_restores_what_the_input_fixes(setup):
-  from idenc_jax import restore
+  from idenc_jax.personalize import restorer as restore
   config, _, params = setup
   rng = np.random.default_rng(7)
   clean = rng.integers(0, 256, (3, R, R, 3), dtype=np.uint8)
@@ -362,7 +363,7 @@ def test_projection_restores_what_the_input_fixes(setup):
 def test_restorer_samples_with_and_without_data_consistency(setup):
   """Restoration sampling end to end: same seed, same images; with consistency the known pixels are the
   input's (up to uint8 rounding), without it they are the model's own."""
-  from idenc_jax import restore
+  from idenc_jax.personalize import restorer as restore
   config, _, params = setup
   restorer = restore.Restorer(config, params)   # inpainting, 8 px
   rng = np.random.default_rng(3)
@@ -384,7 +385,7 @@ def test_sample_mode_restores_a_photo_consistently(setup, tmp_path):
   """`--mode=sample` on a stage-2 config: restored PNGs, the input, the grid and the embedding are written;
   with the stage-2 default (data-consistent sampling) the known pixels of every restoration are the input's."""
   from PIL import Image
-  from idenc_jax import restore
+  from idenc_jax.personalize import restorer as restore
   from test_personalize import save_checkpoint   # pylint: disable=import-outside-toplevel
   config, _, params = setup
   workdir = str(tmp_path / 'stage2')

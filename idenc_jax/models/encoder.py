@@ -10,6 +10,7 @@ a down-sampling residual block between levels, and a middle of residual, attenti
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from idenc_jax.models import layers
@@ -108,3 +109,8 @@ class ConditionEncoder(nn.Module):
     b, hh, ww, c = h.shape
     tokens = nn.Dense(self.token_dim, dtype=self.dtype, name='proj')(h.reshape(b, hh * ww, c))
     return tokens
+
+
+def aggregate_embeddings(z_refs: jax.Array) -> jax.Array:
+  """Inference aggregate E(Y) = mean_j Enc(y_j) over references [R, D] -> [D]; order-invariant."""
+  return jnp.mean(z_refs, axis=0)

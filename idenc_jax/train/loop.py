@@ -14,8 +14,10 @@ from etils import epath
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from idenc_jax import models, sampling
+from idenc_jax import models
+from idenc_jax.data import images as images_lib
 from idenc_jax.data import pipeline
+from idenc_jax.diffusion import generate as generate_lib
 from idenc_jax.diffusion import samplers, schedules
 from idenc_jax.train import checkpoint as ckpt_lib
 from idenc_jax.train import prefetch as prefetch_lib
@@ -87,19 +89,19 @@ class SampleGrid:
     schedule = schedules.from_config(config)
     start_t = config.diffusion.sample_start_t
     samplers.timestep_subsequence(schedule, tc.sample_steps, start_t=start_t)  # errors now, not at the first grid
-    self.fn = sampling.make_identity_sampler(
+    self.fn = generate_lib.make_identity_sampler(
         models.build_generator(config), models.build_encoder(config), schedule,
         num=4, sampler='ddim', num_steps=tc.sample_steps, start_t=start_t)
     self.rng = jax.random.key(config.seed + 1)
 
   def __call__(self, ema_params) -> np.ndarray:
-    refs = jnp.asarray(self.references, jnp.float32) / 127.5 - 1.0
+    refs = images_lib.to_float(jnp.asarray(self.references))
     samples = self.fn(ema_params['generator'], ema_params['encoder'], refs, self.rng)
     # Parameters may be sharded over several hosts (FSDP); every process takes part in the sampler
     # and receives the whole grid.
-    samples = sampling.to_uint8(multihost_utils.process_allgather(samples, tiled=True))
+    samples = images_lib.to_uint8(multihost_utils.process_allgather(samples, tiled=True))
     rows = [np.concatenate([self.references[i], samples[i]]) for i in range(len(samples))]
-    return sampling.image_grid(rows)
+    return images_lib.image_grid(rows)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from idenc_jax import losses, models
+from idenc_jax import models
+from idenc_jax.train import losses
 from idenc_jax.diffusion import schedules
 from idenc_jax.train import state as state_lib
 

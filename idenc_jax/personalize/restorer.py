@@ -43,22 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from idenc_jax import models, personalize, sampling
+from idenc_jax import models
+from idenc_jax.data import images as images_lib
+from idenc_jax.personalize import personalizer as personalize
 from idenc_jax.data import degrade as degrade_lib
-from idenc_jax.data.prepare import center_crop_resize
 from idenc_jax.diffusion import consistency, samplers
 from idenc_jax.train import checkpoint as ckpt_lib
-
-
-def _read(path: str, what: str) -> Image.Image:
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{what} not found: {path}')
-  try:
-    im = Image.open(path)
-    im.load()
-    return ImageOps.exif_transpose(im)
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-    raise ValueError(f'Cannot read {what} {path}: {e}') from e
 
 
 class Restorer:
@@ -116,7 +106,7 @@ class Restorer:
     missing), or RGB plus `mask` (RxR; nonzero/white = missing).
     """
     deg, r = self.degradation, self.resolution
-    im = _read(image, 'Degraded input image') if isinstance(image, (str, os.PathLike)) else image
+    im = images_lib.open_image(image, 'Degraded input image') if isinstance(image, (str, os.PathLike)) else image
     arr = np.asarray(im)
     if deg.task == 'sr':
       rgb = np.asarray(Image.fromarray(arr).convert('RGB')) if arr.ndim == 2 or arr.shape[-1] != 3 else arr
@@ -130,7 +120,7 @@ class Restorer:
                          'mask image (config.sample.mask, white = missing).')
       hole = arr[..., 3] < 128
     else:
-      m = np.asarray(_read(mask, 'Mask image').convert('L') if isinstance(mask, (str, os.PathLike)) else mask)
+      m = np.asarray(images_lib.open_image(mask, 'Mask image').convert('L') if isinstance(mask, (str, os.PathLike)) else mask)
       if m.ndim == 3:
         m = m[..., 0]
       if m.shape != (r, r):
@@ -141,16 +131,16 @@ class Restorer:
 
   def show(self, conditions: np.ndarray) -> np.ndarray:
     """What the model sees, as uint8 RGB [N, R, R, 3]: the up-sampled low-res image or the grey-hole image."""
-    return sampling.to_uint8(np.asarray(conditions)[..., :3])
+    return images_lib.to_uint8(np.asarray(conditions)[..., :3])
 
   def project(self, images: np.ndarray, conditions: np.ndarray) -> np.ndarray:
     """Data consistency after sampling: the restored images with what the input fixes put back (sr: each
     factor x factor block's mean replaced by the low-res pixel; inpaint: the known pixels copied from the
     input). uint8 images [N, ..., R, R, 3] (conditions [N, R, R, C], broadcast over the middle axes) -> uint8."""
-    x = degrade_lib.to_float(images)
+    x = images_lib.to_float(images)
     c = np.asarray(conditions, np.float32).reshape((len(conditions),) + (1,) * (x.ndim - 4) + conditions.shape[1:])
     out = self.projector(jnp.asarray(x), jnp.asarray(c))
-    return sampling.to_uint8(np.clip(np.asarray(out), -1.0, 1.0))
+    return images_lib.to_uint8(np.clip(np.asarray(out), -1.0, 1.0))
 
   def tokens(self, conditions: np.ndarray) -> np.ndarray:
     c = np.asarray(conditions, np.float32)
@@ -207,11 +197,11 @@ def restore_from_config(config, workdir: str) -> dict:
     if not os.path.exists(s.refs):
       raise FileNotFoundError(f'config.sample.refs not found: {s.refs}')
     refs = personalize.load_references(s.refs, r, align=s.align)
-  image = _read(s.condition, 'config.sample.condition')
+  image = images_lib.open_image(s.condition, 'config.sample.condition')
   restorer = Restorer.from_workdir(config, workdir)
   clean = None
   if s.condition_is_clean:
-    clean = np.asarray(center_crop_resize(image.convert('RGB'), r))[None]
+    clean = np.asarray(images_lib.center_crop_resize(image.convert('RGB'), r))[None]
     cond = restorer.degrade(clean, seed=s.seed)
   else:
     cond = restorer.condition_from_input(image, s.mask)[None]
@@ -231,7 +221,7 @@ def restore_from_config(config, workdir: str) -> dict:
   paths['input'] = os.path.join(out_dir, 'input.png')
   Image.fromarray(shown[0]).save(paths['input'])
   right = np.concatenate([shown, restored] + ([clean] if clean is not None else []))
-  grid = personalize.references_and_samples_grid(refs, right) if refs is not None else sampling.image_grid([right])
+  grid = personalize.references_and_samples_grid(refs, right) if refs is not None else images_lib.image_grid([right])
   paths['grid'] = os.path.join(out_dir, 'grid.png')
   Image.fromarray(grid).save(paths['grid'])
   paths['embedding'] = os.path.join(out_dir, 'embedding.npy')

@@ -1,19 +1,16 @@
 """Jittable generation from identity embeddings: the core that training grids, the personalization
 API and evaluation share. Images are float in [-1, 1], NHWC."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from idenc_jax import losses
+from idenc_jax.models.encoder import aggregate_embeddings
 from idenc_jax.diffusion import consistency, samplers, schedules
 
 
 def embed_references(encoder, encoder_params, references: jax.Array) -> jax.Array:
   """E(Y) = mean_j Enc(y_j): references [R, H, W, 3] in [-1, 1] -> embedding [D]."""
-  return losses.aggregate_embeddings(encoder.apply({'params': encoder_params}, references))
+  return aggregate_embeddings(encoder.apply({'params': encoder_params}, references))
 
 
 def generate(generator, generator_params, schedule: schedules.NoiseSchedule, z: jax.Array | None,
@@ -57,18 +54,3 @@ def make_identity_sampler(generator, encoder, schedule, *, num: int, sampler: st
     return jax.vmap(one, in_axes=(None, None, 0, 0))(gen_params, enc_params, references, rngs)
 
   return jax.jit(fn)
-
-
-def to_uint8(images) -> np.ndarray:
-  return np.asarray(np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255), np.uint8)
-
-
-def image_grid(rows: list[np.ndarray], gap: int = 2) -> np.ndarray:
-  """Rows of uint8 images [n_i, H, W, 3] -> one uint8 grid image; short rows are padded with white."""
-  h, w = rows[0].shape[1:3]
-  cols = max(len(r) for r in rows)
-  grid = np.full((len(rows) * (h + gap) - gap, cols * (w + gap) - gap, 3), 255, np.uint8)
-  for i, row in enumerate(rows):
-    for j, img in enumerate(row):
-      grid[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = img
-  return grid

@@ -1,12 +1,12 @@
-"""`python -m idenc_jax.benchmark`: speed of the train step and the sampling step on one device.
+"""`python -m idenc_jax.perf.benchmark`: speed of the train step and the sampling step on one device.
 
-  python -m idenc_jax.benchmark --config=configs/base.py:cpu --variants=fp32,bf16,bf16+remat,bf16+fused
+  python -m idenc_jax.perf.benchmark --config=configs/base.py:cpu --variants=fp32,bf16,bf16+remat,bf16+fused
 
 prints a short table and, as its last line, one JSON object with train_images_per_s, train_step_ms
 (median, or with --statistic=min the minimum, over timed steps after warm-up, each synchronised
 with block_until_ready), compile_s, peak_memory_bytes, flops_per_image_xla (XLA's cost analysis
 of the compiled step / batch),
-flops_per_image_analytic (`idenc_jax.flops`), peak_flops (--peak_flops, else a large matmul in the
+flops_per_image_analytic (`idenc_jax.perf.flops`), peak_flops (--peak_flops, else a large matmul in the
 compute dtype on the same device), mfu (analytic FLOPs x images/s / peak), sample_step_ms (one
 generator forward at --sample_batch) and device (with host: CPU model, cores, jax version). With
 several variants the object also holds `variants`, one such record per variant with its `speedup`
@@ -18,7 +18,7 @@ A variant is levers joined by '+': fp32 | bf16 (model.dtype), remat (model.remat
 (train.batch_size), prefetch<N> (data.prefetch), or any `section.field=value`; a lever a variant does
 not name keeps the config's value (the cpu configs use the fused group norm, so their plain float32
 step is fp32+gnflax). --interleave times all variants in one process in turns, for fair ratios on a
-loaded machine. --profile_dir=DIR adds, per variant, where the step's time goes (`idenc_jax.op_profile`).
+loaded machine. --profile_dir=DIR adds, per variant, where the step's time goes (`idenc_jax.perf.op_profile`).
 
 Batches are synthetic uint8 images of the training batch's structure, built on the host and fed
 through a prefetch thread of depth data.prefetch, as the trainer does; there is no data pipeline.
@@ -412,7 +412,7 @@ def _memory(compiled) -> tuple[int | None, int | None]:
 
 def analytic_flops_per_image(config) -> float | None:
   try:
-    from idenc_jax import flops  # pylint: disable=g-import-not-at-top
+    from idenc_jax.perf import flops  # pylint: disable=g-import-not-at-top
     return float(flops.training_flops_per_image(config))
   except (ImportError, AttributeError):
     return None
@@ -453,7 +453,7 @@ def compile_sample_step(config, params, batch: int):
 
 def profile_train(bench: 'TrainBench', out_dir: str, steps: int = 3, top: int = 20) -> dict:
   """`op_profile` breakdown of `steps` more train steps of a compiled TrainBench (written to out_dir)."""
-  from idenc_jax import op_profile  # pylint: disable=g-import-not-at-top
+  from idenc_jax.perf import op_profile  # pylint: disable=g-import-not-at-top
   for _ in range(2):   # steady state only in the trace (a no-op after timed steps)
     bench.step(timed=False)
   return op_profile.profile_compiled(bench.compiled, lambda: bench.step(timed=False), steps, out_dir,
@@ -464,7 +464,7 @@ def profile_sample(compiled_step, out_dir: str, steps: int = 3, top: int = 20) -
   """`op_profile` breakdown of a sampling step's network call, `compile_sample_step`'s (compiled, args)
   (written to out_dir)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from idenc_jax import op_profile  # pylint: disable=g-import-not-at-top
+  from idenc_jax.perf import op_profile  # pylint: disable=g-import-not-at-top
   compiled, args = compiled_step
   run = lambda: jax.block_until_ready(compiled(*args))
   run()
@@ -541,7 +541,7 @@ class TrainBench:
   def finish(self, sample_batch: int = 0, sample_repeats: int = 5, statistic: str = 'median',
              profile_dir: str = '') -> dict[str, Any]:
     """Times the sampling step if asked, profiles both into `profile_dir` if given
-    (`idenc_jax.op_profile`), closes the feeder and returns the record (without MFU)."""
+    (`idenc_jax.perf.op_profile`), closes the feeder and returns the record (without MFU)."""
     import jax  # pylint: disable=g-import-not-at-top
     r, b = self.record, self.config.train.batch_size
     if not self.times:
@@ -693,7 +693,7 @@ def reference_values(config, compiler_options: dict | None = None) -> dict[str, 
 def cpu_reference_process(config_spec: str, overrides: dict[str, Any], out_path: str,
                           fast_compile: bool = False) -> subprocess.Popen:
   """Starts the float32 reference of `config_spec` on the CPU in a subprocess (runs beside the device)."""
-  cmd = [sys.executable, '-m', 'idenc_jax.benchmark', f'--config={config_spec}', '--reference',
+  cmd = [sys.executable, '-m', 'idenc_jax.perf.benchmark', f'--config={config_spec}', '--reference',
          f'--json_out={out_path}'] + ['--fast_compile'] * fast_compile + [
              f'--config.{k}={v}' for k, v in overrides.items()]
   env = dict(os.environ, JAX_PLATFORMS='cpu',
@@ -814,7 +814,7 @@ def _with_speedups(records: list[dict]) -> list[dict]:
 
 
 def _parse_args(argv):
-  p = argparse.ArgumentParser(prog='python -m idenc_jax.benchmark', description=__doc__.split('\n')[0],
+  p = argparse.ArgumentParser(prog='python -m idenc_jax.perf.benchmark', description=__doc__.split('\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--config', default='configs/base.py:cpu', help='path[:variant], e.g. configs/base.py:paper')
   p.add_argument('--variants', default='', help="comma-separated variants, e.g. 'fp32,bf16,bf16+remat'")
@@ -849,7 +849,7 @@ def _parse_args(argv):
   p.add_argument('--reference', action='store_true', help='print the float32 fixed-batch loss (--check uses it)')
   p.add_argument('--profile_dir', default='',
                  help='after timing, profile each variant\'s train step (and sampling step) into '
-                      'DIR/<variant> and add its time by kind of operation to the record (idenc_jax.op_profile)')
+                      'DIR/<variant> and add its time by kind of operation to the record (idenc_jax.perf.op_profile)')
   p.add_argument('--json_out', default='', help='also write the JSON object to this file')
   p.add_argument('--records_out', default='', help='append one JSON line per finished variant to this file')
   return parse_known_with_overrides(p, argv)
@@ -897,7 +897,7 @@ def _run_isolated(args, overrides, variant: str, peak: float | None, timeout: fl
                   sample_batch: int) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     out_path = os.path.join(tmp, 'record.json')
-    cmd = [sys.executable, '-m', 'idenc_jax.benchmark', f'--config={args.config}', f'--variants={variant}',
+    cmd = [sys.executable, '-m', 'idenc_jax.perf.benchmark', f'--config={args.config}', f'--variants={variant}',
            f'--steps={args.steps}', f'--warmup={args.warmup}', f'--sample_batch={sample_batch}',
            f'--peak_matmul_size={args.peak_matmul_size}', '--isolate=no', f'--json_out={out_path}',
            f'--statistic={args.statistic}']

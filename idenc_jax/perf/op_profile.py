@@ -1,6 +1,6 @@
 """Where a compiled step's device time goes: a profiler trace joined with the step's optimised HLO.
 
-  python -m idenc_jax.op_profile --config=configs/base.py:cpu [--variant=bf16] [--sample_batch=16]
+  python -m idenc_jax.perf.op_profile --config=configs/base.py:cpu [--variant=bf16] [--sample_batch=16]
 
 compiles the train step (and, with --sample_batch, one sampling-step network call), runs a few steps
 under `jax.profiler.trace`, and prints per step: the time of the compiled module's operations by kind
@@ -8,7 +8,7 @@ under `jax.profiler.trace`, and prints per step: the time of the compiled module
 by part of the model (generator / encoders, forward / backward, everything outside the networks:
 noise, loss, optimizer, EMA), the most expensive operations with their source (the flax module path
 XLA keeps in each operation's metadata), and how much of the step's wall time no operation covers
-(host work, launch gaps). `python -m idenc_jax.benchmark --profile_dir=DIR` records the same for each
+(host work, launch gaps). `python -m idenc_jax.perf.benchmark --profile_dir=DIR` records the same for each
 variant it times, without compiling again.
 
 Each trace event is matched to an instruction of the optimised module by name (the event's `hlo_op`
@@ -285,7 +285,7 @@ def profile_compiled(compiled, run: Callable[[], Any], steps: int, out_dir: str,
 
 
 def _parse_args(argv: Iterable[str]):
-  p = argparse.ArgumentParser(prog='python -m idenc_jax.op_profile', description=__doc__.split('\n')[0])
+  p = argparse.ArgumentParser(prog='python -m idenc_jax.perf.op_profile', description=__doc__.split('\n')[0])
   p.add_argument('--config', default='configs/base.py:cpu', help='path[:variant]')
   p.add_argument('--variant', default='', help="levers as in the benchmark, e.g. 'bf16+fused'")
   p.add_argument('--steps', type=int, default=3, help='profiled steps (after 2 warm-up steps)')
@@ -294,12 +294,12 @@ def _parse_args(argv: Iterable[str]):
   p.add_argument('--top', type=int, default=20, help='operations listed')
   p.add_argument('--fast_compile', action='store_true',
                  help='compile the train step at LLVM -O0 (a smoke test: the profile is then not representative)')
-  from idenc_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from idenc_jax.perf import benchmark  # pylint: disable=g-import-not-at-top
   return benchmark.parse_known_with_overrides(p, argv)
 
 
 def main(argv=None) -> dict:
-  from idenc_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from idenc_jax.perf import benchmark  # pylint: disable=g-import-not-at-top
   args, overrides = _parse_args(sys.argv[1:] if argv is None else argv)
   config = benchmark.load_config(args.config, {**overrides, **benchmark.variant_overrides(args.variant)})
   os.makedirs(args.out, exist_ok=True)

@@ -37,10 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from idenc_jax import models, sampling
+from idenc_jax import models
+from idenc_jax.data import images as images_lib
 from idenc_jax.data import align as align_lib
-from idenc_jax.data.prepare import IMAGE_EXTENSIONS, center_crop_resize
 from idenc_jax.diffusion import consistency, samplers, schedules
+from idenc_jax.diffusion import generate as generate_lib
 from idenc_jax.train import checkpoint as ckpt_lib
 
 ImageLike = Any   # str | os.PathLike | PIL.Image.Image | np.ndarray (uint8 [H, W], [H, W, 1|3|4])
@@ -55,25 +56,12 @@ def list_reference_files(folder: str | os.PathLike) -> list[str]:
   if not os.path.isdir(folder):
     raise FileNotFoundError(f'Reference folder not found: {folder}')
   files = sorted(f for f in os.listdir(folder)
-                 if not f.startswith('.') and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
+                 if not f.startswith('.') and os.path.splitext(f)[1].lower() in images_lib.IMAGE_EXTENSIONS
                  and os.path.isfile(os.path.join(folder, f)))
   if not files:
     raise FileNotFoundError(f'Reference folder {folder} holds no images (looked for '
-                            f'{", ".join(sorted(IMAGE_EXTENSIONS))}).')
+                            f'{", ".join(sorted(images_lib.IMAGE_EXTENSIONS))}).')
   return [os.path.join(folder, f) for f in files]
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-  """An image file -> uint8 RGB [H, W, 3] (EXIF rotation applied); ValueError naming an unreadable file."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'Reference image not found: {path}')
-  try:
-    with Image.open(path) as im:
-      im.load()
-      return np.asarray(ImageOps.exif_transpose(im).convert('RGB'))
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-    raise ValueError(f'Cannot read reference image {path}: {e}') from e
 
 
 def _expand(images: ImageLike | Sequence[ImageLike]) -> tuple[list[Any], list[str]]:
@@ -96,7 +84,7 @@ def _expand(images: ImageLike | Sequence[ImageLike]) -> tuple[list[Any], list[st
 
 def _to_rgb(item: Any, name: str) -> np.ndarray:
   if isinstance(item, (str, os.PathLike)):
-    return read_image(item)
+    return images_lib.read_rgb(item, 'reference image')
   if isinstance(item, Image.Image):
     return np.asarray(item.convert('RGB'))
   try:
@@ -173,7 +161,7 @@ def load_references(images: ImageLike | Sequence[ImageLike], resolution: int, *,
         raise ValueError(f'No face found in reference {name} (config.sample.align=True); use a photo '
                          'where the face is clearly visible, or turn alignment off.')
       rgb = aligned
-    out.append(np.asarray(center_crop_resize(Image.fromarray(rgb), resolution)))
+    out.append(np.asarray(images_lib.center_crop_resize(Image.fromarray(rgb), resolution)))
   return np.stack(out)
 
 
@@ -229,7 +217,7 @@ class Personalizer:
   def encode(self, images: ImageLike | Sequence[ImageLike], *, align: bool | None = None) -> np.ndarray:
     """Per-reference encoder outputs Enc(y_j): [R, D] float32."""
     refs = self.preprocess(images, align=align)
-    x = jnp.asarray(refs, jnp.float32) / 127.5 - 1.0
+    x = images_lib.to_float(jnp.asarray(refs))
     return np.asarray(self._encode(self.params['encoder'], x), np.float32)
 
   def embed(self, images: ImageLike | Sequence[ImageLike], *, align: bool | None = None) -> np.ndarray:
@@ -244,7 +232,7 @@ class Personalizer:
       generator, schedule, start_t = self.generator, self.schedule, self.start_t
 
       def one(gen_params, z, rng, context, condition):
-        return sampling.generate(generator, gen_params, schedule, z, rng, num=num, sampler=sampler,
+        return generate_lib.generate(generator, gen_params, schedule, z, rng, num=num, sampler=sampler,
                                  num_steps=steps, eta=eta, start_t=start_t, context=context,
                                  condition=condition, project=project)
       # vmapped over identities: one compiled call generates for a batch of embeddings.
@@ -293,7 +281,7 @@ class Personalizer:
     gen = self.params['generator'] if generator_params is None else generator_params
     out = fn(gen, jnp.asarray(zs), rngs, None if context is None else jnp.asarray(context),
              None if conditions is None else jnp.asarray(conditions, jnp.float32))
-    return sampling.to_uint8(out)
+    return images_lib.to_uint8(out)
 
   def generate(self, z: np.ndarray, num: int, *, sampler: str = 'ddim', steps: int | None = 50, eta: float = 0.0,
                seed: int = 0, context: np.ndarray | None = None, generator_params: Any = None) -> np.ndarray:
@@ -310,7 +298,7 @@ class Personalizer:
 # Output files.
 # ---------------------------------------------------------------------------------------------------------
 def _tile(images: np.ndarray, cols: int) -> np.ndarray:
-  return sampling.image_grid([images[i:i + cols] for i in range(0, len(images), cols)])
+  return images_lib.image_grid([images[i:i + cols] for i in range(0, len(images), cols)])
 
 
 def references_and_samples_grid(references: np.ndarray | None, samples: np.ndarray, gap: int = 8) -> np.ndarray:
@@ -344,10 +332,10 @@ def sample_from_config(config, workdir: str) -> dict:
   """`--mode=sample`: config.sample.refs (a folder/file of photos, or a .npy embedding) -> files in
   config.sample.out (default WORKDIR/personalized). Returns the written paths."""
   if config.stage == 2:   # restoration: a degraded input plus references (idenc_jax/restore.py)
-    from idenc_jax import restore  # pylint: disable=import-outside-toplevel
+    from idenc_jax.personalize import restorer as restore  # pylint: disable=import-outside-toplevel
     return restore.restore_from_config(config, workdir)
   if config.stage == 2:   # restoration from a degraded input: the stage-2 module owns that CLI
-    from idenc_jax import restore  # pylint: disable=import-outside-toplevel
+    from idenc_jax.personalize import restorer as restore  # pylint: disable=import-outside-toplevel
     return restore.restore_from_config(config, workdir)
   s = config.sample
   if not s.refs:

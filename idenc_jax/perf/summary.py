@@ -1,13 +1,13 @@
-"""`python -m idenc_jax.summary`: parameters and forward FLOPs per image of a config's models.
+"""`python -m idenc_jax.perf.summary`: parameters and forward FLOPs per image of a config's models.
 
 Prints one JSON object: parameter counts (from abstract initialisation, nothing materialised),
 forward GFLOP per image from XLA's cost analysis of the compiled forward pass, the analytic count
-of `idenc_jax.flops`, training GFLOP per image (3 x forward), and the published reference sizes of
+of `idenc_jax.perf.flops`, training GFLOP per image (3 x forward), and the published reference sizes of
 the paper's 128px setup with our relative differences. Examples:
 
-  python -m idenc_jax.summary --config=configs/base.py
-  python -m idenc_jax.summary --config=configs/base.py:cpu
-  python -m idenc_jax.summary --config=configs/base.py --config.model.mlp_ratio=0   # DiffAE blocks
+  python -m idenc_jax.perf.summary --config=configs/base.py
+  python -m idenc_jax.perf.summary --config=configs/base.py:cpu
+  python -m idenc_jax.perf.summary --config=configs/base.py --config.model.mlp_ratio=0   # DiffAE blocks
 
 The reference figures use DiffAE's block structure (attention without the ViT MLP, i.e.
 `model.mlp_ratio=0`) and count every tap of a padded convolution; `reference_convention` gives our
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from idenc_jax import flops
+from idenc_jax.perf import flops
 from idenc_jax import models
 
 # Published sizes for the paper's setup (SPEC.md): DiffAE block structure at 128x128.

@@ -15,7 +15,7 @@ jitted `lax.scan`.
 
 `compare(config, workdir)` times both ways of personalizing on this machine (after compilation, which is
 reported separately) and evaluates both with the harness on the same identities, references and seeds:
-  python -m idenc_jax.finetune --config=configs/base.py:cpu --workdir=TRAINED
+  python -m idenc_jax.personalize.finetune --config=configs/base.py:cpu --workdir=TRAINED
 writes WORKDIR/eval/finetune.json and finetune.md.
 """
 
@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from idenc_jax import losses, models
+from idenc_jax import models
+from idenc_jax.train import losses
 from idenc_jax.diffusion import samplers, schedules
 
 
@@ -107,7 +108,7 @@ def _block(tree):
 def compare(config, workdir: str, *, num_identities: int | None = None, write: bool = True) -> dict[str, Any]:
   """Personalizes `finetune.num_identities` test identities by the encoder and by fine-tuning; returns (and
   writes to WORKDIR/eval/finetune.{json,md}) both methods' timings and harness metrics."""
-  from idenc_jax import personalize  # pylint: disable=import-outside-toplevel
+  from idenc_jax.personalize import personalizer as personalize  # pylint: disable=import-outside-toplevel
   from idenc_jax.evaluate import harness  # pylint: disable=import-outside-toplevel
   ev, ft = config.eval, config.finetune
   k = num_identities or ft.num_identities

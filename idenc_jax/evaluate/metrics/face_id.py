@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from idenc_jax.data import align
-from idenc_jax.evaluate import frechet
+from idenc_jax.evaluate.metrics import frechet
 
 DESCRIPTOR_DIM = 128
 CHIP_SIZE = 150     # what dlib's recognition network was trained on

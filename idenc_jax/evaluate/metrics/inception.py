@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idenc_jax.evaluate import frechet
+from idenc_jax.evaluate.metrics import frechet
 
 FEATURE_DIM = 2048
 INPUT_SIZE = 299

@@ -12,7 +12,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from idenc_jax.data import images
 from idenc_jax.diffusion import schedules
+from idenc_jax.train import state as state_lib
 
 
 def diffusion_loss(eps_pred: jax.Array, eps: jax.Array) -> jax.Array:
@@ -62,11 +64,6 @@ def group_embeddings(z: jax.Array, groups: jax.Array, weights: jax.Array, num_gr
   return pooled[groups]
 
 
-def aggregate_embeddings(z_refs: jax.Array) -> jax.Array:
-  """Inference aggregate E(Y) = mean_j Enc(y_j) over references [R, D] -> [D]; order-invariant."""
-  return jnp.mean(z_refs, axis=0)
-
-
 def leave_one_out_embeddings(z: jax.Array, groups: jax.Array, num_groups: int) -> jax.Array:
   """For each image, the mean embedding of the *other* images of its group: [N, D].
 
@@ -84,13 +81,6 @@ def curriculum_probability(step, start: float, end: float, steps: int) -> jax.Ar
   return start + (end - start) * frac
 
 
-def images_to_float(images: jax.Array) -> jax.Array:
-  """uint8 [0, 255] -> float32 [-1, 1]; float inputs pass through."""
-  if images.dtype == jnp.uint8:
-    return images.astype(jnp.float32) / 127.5 - 1.0
-  return images.astype(jnp.float32)
-
-
 def compute_loss(params: dict, batch: dict, rng: jax.Array, step, *, config, generator, encoder,
                  schedule: schedules.NoiseSchedule, train: bool = True,
                  cond_encoder=None) -> tuple[jax.Array, dict[str, Any]]:
@@ -106,8 +96,8 @@ def compute_loss(params: dict, batch: dict, rng: jax.Array, step, *, config, gen
     return stage2_loss(params, batch, rng, config=config, generator=generator, encoder=encoder,
                        cond_encoder=cond_encoder, schedule=schedule, train=train)
   lc = config.loss
-  x_id = images_to_float(batch['id_images'])
-  x_ag = images_to_float(batch['agnostic_images'])
+  x_id = images.to_float(batch['id_images'])
+  x_ag = images.to_float(batch['agnostic_images'])
   n_id, n_ag = x_id.shape[0], x_ag.shape[0]
   x0 = jnp.concatenate([x_id, x_ag], axis=0)
   n = n_id + n_ag
@@ -162,7 +152,6 @@ def compute_loss(params: dict, batch: dict, rng: jax.Array, step, *, config, gen
 def frozen_stage1(config, params: dict) -> dict:
   """Stage 2: stop gradients at the frozen stage-1 parameters, so the backward pass computes no gradient
   for them (the optimizer zeroes their updates anyway; this saves their weight-gradient work)."""
-  from idenc_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
   mask = state_lib.trainable_mask(config, params)
   return jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
 
@@ -186,12 +175,12 @@ def stage2_loss(params: dict, batch: dict, rng: jax.Array, *, config, generator,
     raise ValueError("stage-2 batches need 'id_condition' (the input pipeline adds it when config.stage == 2)")
   lc = config.loss
   params = frozen_stage1(config, params)
-  x_id = images_to_float(batch['id_images'])
+  x_id = images.to_float(batch['id_images'])
   c_id = batch['id_condition'].astype(jnp.float32)
   n_id = x_id.shape[0]
   num_groups = n_id // config.data.images_per_identity
   if lc.use_agnostic:
-    x0 = jnp.concatenate([x_id, images_to_float(batch['agnostic_images'])], axis=0)
+    x0 = jnp.concatenate([x_id, images.to_float(batch['agnostic_images'])], axis=0)
     cond_images = jnp.concatenate([c_id, batch['agnostic_condition'].astype(jnp.float32)], axis=0)
   else:
     x0, cond_images = x_id, c_id

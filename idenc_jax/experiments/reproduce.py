@@ -9,7 +9,7 @@ conditional columns, `evaluate/restoration.py`), and writes OUT/results.json, OU
 pieces are reused, so a stopped run resumes where it left off.
 
 Every scale choice is a flag and lands in the results:
-  python -m idenc_jax.reproduce --out=/tmp/repro --base=tiny --resolution=16 --steps=400 \
+  python -m idenc_jax.experiments.reproduce --out=/tmp/repro --base=tiny --resolution=16 --steps=400 \
       --train_identities=128 --test_identities=16 --images_per_identity=10 --num_references=4 \
       --num_generated=4 --eval_steps=25 --finetune_steps=100 --data=synthetic
   (add --data=synthetic,celeba --resolution=32 for the real faces too; celeba is prepared into OUT).
@@ -127,7 +127,7 @@ def _finished(workdir: str, steps: int) -> bool:
 
 
 def run_dataset(dataset: str, out: str) -> dict:
-  from idenc_jax import finetune  # pylint: disable=import-outside-toplevel
+  from idenc_jax.personalize import finetune  # pylint: disable=import-outside-toplevel
   from idenc_jax.train import loop  # pylint: disable=import-outside-toplevel
   prepared = prepare_celeba(out) if dataset == 'celeba' else None
   results = {'variants': {}, 'timings': {}}

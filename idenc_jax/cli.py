@@ -1,0 +1,115 @@
+"""The one way every command line of idenc_jax gets its config: absl flags with ml_collections.
+
+  from idenc_jax import cli
+  _CONFIG = cli.define_config_flag()
+  ...
+  if __name__ == '__main__':
+    cli.run(main)
+
+`--config=configs/base.py[:variant]` names the config file; `--config.section.field=value` overrides a
+field. The path is read relative to the working directory, and a `configs/...` path that is not there
+is taken from the installed `configs` package, so the same command works from a checkout and after
+`pip install .`. A misspelt override is a one-line error (fields are locked).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+CONFIG_PACKAGE = 'configs'
+_CONFIG_FLAGS = {'config'}   # names of the flags define_config_flag made
+
+
+def installed_configs_dir() -> Path | None:
+  """The folder of the importable `configs` package (the checkout's or the installed copy)."""
+  spec = importlib.util.find_spec(CONFIG_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_config_path(spec: str) -> str:
+  """`configs/base.py:cpu` -> an existing file path with the same `:variant`; other specs unchanged."""
+  path, sep, variant = spec.partition(':')
+  if os.path.isfile(path) or not path.replace('\\', '/').startswith(CONFIG_PACKAGE + '/'):
+    return spec
+  folder = installed_configs_dir()
+  if folder is None:
+    return spec
+  candidate = folder / path[len(CONFIG_PACKAGE) + 1:]
+  return f'{candidate}{sep}{variant}' if candidate.is_file() else spec
+
+
+def define_config_flag(name: str = 'config', default: str | None = None, required: bool = True,
+                       flag_values: flags.FlagValues = flags.FLAGS):
+  """The `--config` flag: a config file (configs/base.py[:variant]) with locked fields."""
+  _CONFIG_FLAGS.add(name)
+  holder = config_flags.DEFINE_config_file(name, default, 'Config file: configs/base.py[:variant].',
+                                           flag_values=flag_values, lock_config=True)
+  if required and default is None:
+    flags.mark_flag_as_required(name, flag_values)
+  return holder
+
+
+def load_config_file(spec: str):
+  """`path[:variant]` -> the ConfigDict its get_config returns (as the --config flag loads it)."""
+  path, _, variant = resolve_config_path(spec).partition(':')
+  module_spec = importlib.util.spec_from_file_location(f'_idenc_config_{Path(path).stem}', path)
+  if module_spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f'config file not found: {path}')
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def _rewrite_config_paths(argv: list[str]) -> list[str]:
+  names = tuple(f'--{name}=' for name in _CONFIG_FLAGS)
+  return [a.split('=', 1)[0] + '=' + resolve_config_path(a.split('=', 1)[1]) if a.startswith(names) else a
+          for a in argv]
+
+
+def unknown_overrides(argv: list[str]) -> list[str]:
+  """The `--config.a.b=...` overrides of argv that name no field of the selected config."""
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if spec is None:
+    return []
+  config = load_config_file(spec)
+  unknown = []
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    node = config
+    for part in arg[len('--config.'):].split('=', 1)[0].split('.'):
+      if not hasattr(node, 'keys') or part not in node:
+        unknown.append(arg)
+        break
+      node = node[part]
+  return unknown
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing with config paths resolved and a one-line message for a misspelt override."""
+  argv = _rewrite_config_paths(list(argv))
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    try:
+      unknown = unknown_overrides(argv)
+    except Exception:  # noqa: BLE001  (the message below still helps)
+      unknown = []
+    what = (f'no such config field: {", ".join(unknown)}' if unknown else
+            f'a --config.* override names no field of the config ({e})')
+    sys.stderr.write(f'FATAL Flags parsing error: {what}. Config fields are locked; check the spelling '
+                     'against configs/base.py.\n')
+    sys.exit(1)
+
+
+def run(main) -> None:
+  """absl.app.run(main) with `parse_flags`."""
+  app.run(main, flags_parser=parse_flags)
