@@ -100,7 +100,7 @@ def _paper_config() -> config_dict.ConfigDict:
   # ---- Data. -----------------------------------------------------------------------------------------------
   c.data = dt = config_dict.ConfigDict()
   # 'synthetic' (embedded procedural identities, no download) or comma-separated prepared dataset
-  # directories (output of `python -m idenc_jax.prepare`) for the identity-labelled half.
+  # directories (output of `python -m idenc_jax.data.prepare`) for the identity-labelled half.
   dt.identity_sources = 'synthetic'
   dt.identity_weights = ''     # comma-separated mixing weights, one per source ('' = equal)
   # Identity-agnostic half: 'synthetic', a prepared dataset directory, or 'same' (the identity sources
@@ -170,7 +170,7 @@ def _paper_config() -> config_dict.ConfigDict:
   ev.num_identities = 0        # test identities evaluated (0: all with more than R images)
   ev.sweep = ''                # extra 'sampler:steps,...' runs for quality vs steps, e.g. 'ddim:10,dpmpp:10'
 
-  # ---- Fine-tuning baseline (idenc_jax.personalize.finetune): DreamBooth-like, per identity. ------------------------------
+  # ---- Fine-tuning baseline (idenc_jax.personalize.finetune): DreamBooth-like, per identity. ------------
   c.finetune = ft = config_dict.ConfigDict()
   ft.steps = 400               # Adam steps on the identity's R references (diffusion loss)
   ft.learning_rate = 1e-5      # generator weights

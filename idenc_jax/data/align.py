@@ -35,7 +35,7 @@ def dlib_available() -> bool:
 def import_dlib():
   """Returns the dlib module, or raises an ImportError that says what to install."""
   try:
-    import dlib  # pylint: disable=import-outside-toplevel
+    import dlib  # lazy: dlib is optional (dlib-bin), and slow to import
   except ImportError as e:
     raise ImportError(
         'Face alignment and the ID score need dlib: `pip install dlib-bin` (prebuilt wheels) '

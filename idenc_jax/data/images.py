@@ -15,11 +15,12 @@ IMAGE_EXTENSIONS = frozenset({'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', 
                               '.pgm'})
 
 
-def to_float(images):
-  """uint8 [0, 255] -> float32 [-1, 1]; float inputs pass through as float32 (numpy or jax arrays)."""
+def to_float(images, dtype=np.float32):
+  """uint8 [0, 255] -> float [-1, 1] (float32 unless `dtype`); float inputs pass through as `dtype`. Numpy or
+  jax arrays."""
   if images.dtype == np.uint8:
-    return images.astype(np.float32) / 127.5 - 1.0
-  return images.astype(np.float32)
+    return images.astype(dtype) / 127.5 - 1.0
+  return images.astype(dtype)
 
 
 def to_uint8(images) -> np.ndarray:

@@ -35,6 +35,7 @@ import dataclasses
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
 from idenc_jax.data import degrade as degrade_lib
@@ -78,7 +79,6 @@ class BatchSpec:
 def batch_spec(config, process_index: int | None = None, process_count: int | None = None) -> BatchSpec:
   """Validates the batch layout against the config and the process count."""
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   b, m = config.train.batch_size, config.data.images_per_identity

@@ -4,7 +4,7 @@ An identity source holds images grouped by identity: identity i owns records off
 and its global label is `label_offset + i` (offsets follow the order of `config.data.identity_sources`, so
 labels stay unique when datasets are mixed). A prepared dataset must have been prepared at
 `config.model.resolution`; another resolution is an error rather than a silent resize (re-run
-`python -m idenc_jax.prepare --resolution=...`).
+`python -m idenc_jax.data.prepare --resolution=...`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from idenc_jax.data import prepare as prepare_lib
+from idenc_jax.data import records as records_lib
+from idenc_jax.data import synthetic
 
 
 class ArraySource:
@@ -44,9 +45,9 @@ class PreparedSource:
   """The records of one split of a prepared dataset (grain ArrayRecordDataSource + PNG/JPEG decoding)."""
 
   def __init__(self, directory: str | os.PathLike, split: str):
-    import grain  # pylint: disable=g-import-not-at-top  (keeps this module importable without grain)
+    import grain  # lazy: keeps this module importable without grain
     self.directory = Path(directory)
-    self.index = prepare_lib.read_index(directory)
+    self.index = records_lib.read_index(directory)
     if split not in self.index['splits']:
       raise ValueError(f'{directory} has no split {split!r}; it has {sorted(self.index["splits"])}.')
     self.split = split
@@ -68,10 +69,10 @@ class PreparedSource:
   def read_records(self, indices: Sequence[int] | np.ndarray) -> list[tuple[int, str, bytes]]:
     """(label, name, encoded bytes) of the records at `indices`."""
     raw = self._records.__getitems__([int(i) for i in indices])
-    return [prepare_lib.unpack_record(r) for r in raw]
+    return [records_lib.unpack_record(r) for r in raw]
 
   def read(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-    images = [prepare_lib.decode_image(enc) for _, _, enc in self.read_records(indices)]
+    images = [records_lib.decode_image(enc) for _, _, enc in self.read_records(indices)]
     r = self.resolution
     out = np.stack(images) if images else np.zeros((0, r, r, 3), np.uint8)
     if out.shape[1:] != (r, r, 3):
@@ -186,7 +187,6 @@ def parse_weights(spec: str, n: int) -> np.ndarray:
 
 
 def _synthetic_identities(config, split: str) -> IdentitySource:
-  from idenc_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   d = config.data
   n = d.synthetic_train_identities if split == 'train' else d.synthetic_test_identities
   images, labels = synthetic.render_identities(n, d.synthetic_images_per_identity,
@@ -197,7 +197,7 @@ def _synthetic_identities(config, split: str) -> IdentitySource:
 def _check_resolution(source: Any, resolution: int) -> None:
   if source.resolution != resolution:
     raise ValueError(f'{source.name} was prepared at {source.resolution}px but config.model.resolution is '
-                     f'{resolution}; prepare it again with `python -m idenc_jax.prepare '
+                     f'{resolution}; prepare it again with `python -m idenc_jax.data.prepare '
                      f'--resolution={resolution}`.')
 
 
@@ -225,7 +225,6 @@ def load_agnostic_source(config, identity: Sequence[IdentitySource] | None = Non
   """The identity-agnostic images of `config.data.agnostic_source` (always the train split)."""
   spec = config.data.agnostic_source.strip()
   if spec == 'synthetic':
-    from idenc_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     images = synthetic.render_agnostic(config.data.synthetic_agnostic_images, config.model.resolution,
                                        seed=config.seed)
     src = ArraySource(images, 'synthetic[agnostic]')

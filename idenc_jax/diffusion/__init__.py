@@ -14,3 +14,9 @@ from idenc_jax.diffusion.schedules import make_schedule
 from idenc_jax.diffusion.schedules import predict_x0_from_eps
 from idenc_jax.diffusion.schedules import q_sample
 from idenc_jax.diffusion.schedules import schedule_from_betas
+
+__all__ = [
+    'SAMPLERS', 'SPACINGS', 'ddim_sample', 'ddpm_sample', 'dpmpp_2m_sample', 'sample', 'timestep_subsequence',
+    'SCHEDULES', 'NoiseSchedule', 'from_config', 'make_schedule', 'predict_x0_from_eps', 'q_sample',
+    'schedule_from_betas',
+]

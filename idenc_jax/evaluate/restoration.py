@@ -1,6 +1,6 @@
 """Evaluation of the conditional tasks (stage 2: super-resolution, inpainting), `--mode=eval` on a stage-2 config.
 
-Protocol (that of `harness`, with ground truth). For each test identity the first R = config.eval.num_references
+Protocol (that of `protocol`, with ground truth). For each test identity the first R = config.eval.num_references
 images are the references (E(Y) = mean_j Enc(y_j)); its first G held-out images are the ground truths, where
 G = min(config.eval.num_generated, the fewest held-out images of any evaluated identity). Each ground truth is
 degraded as in training (`data.degrade`; inpainting holes drawn from config.seed) and restored once
@@ -17,11 +17,11 @@ Rows (all compared with the same ground truths and held-out real images):
                   known pixels), an option, not the paper's method;
   baseline        no model: the low-resolution input bicubic-upsampled (sr) or the masked input with a grey
                   hole (inpaint).
-Metrics per row: every `harness.Evaluator` metric (LPIPS-Alex against the ground truth, ID score, Frechet
+Metrics per row: every `evaluator.Evaluator` metric (LPIPS-Alex against the ground truth, ID score, Frechet
 distances / FID against the held-out real images, the synthetic oracle's identity accuracy against the true
 identity), plus pixel errors against the ground truth in [-1, 1] units: `pixel_mse`, `psnr` (peak-to-peak 2),
 and for inpainting `hole_mse` (inside the hole only).
-Writes WORKDIR/eval/metrics.json (the restored row's metrics at top level, as the harness does, and
+Writes WORKDIR/eval/metrics.json (the restored row's metrics at top level, as `generation` does, and
 `rows` with every row), eval/metrics.md and eval/samples.png (references | truth | input | restored | wrong
 [| consistent]).
 """
@@ -35,9 +35,16 @@ import time
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from idenc_jax.data import degrade
 from idenc_jax.data import images as images_lib
-from idenc_jax.evaluate import harness
+from idenc_jax.diffusion import samplers
+from idenc_jax.evaluate import report
+from idenc_jax.evaluate.evaluator import Evaluator
+from idenc_jax.evaluate.protocol import EvalSet, embed_eval_set, load_eval_set
+from idenc_jax.personalize.restorer import Restorer
+from idenc_jax.train import checkpoint as ckpt_lib
 
 ROWS = ('restored', 'restored_projected', 'wrong_identity', 'consistent', 'consistent_wrong_identity', 'baseline')
 TABLE = ('lpips', 'pixel_mse', 'psnr', 'hole_mse', 'oracle_id_accuracy', 'oracle_distance', 'oracle_fd',
@@ -47,8 +54,8 @@ TABLE = ('lpips', 'pixel_mse', 'psnr', 'hole_mse', 'oracle_id_accuracy', 'oracle
 def pixel_metrics(images: np.ndarray, truth: np.ndarray, holes: np.ndarray | None = None) -> dict[str, float]:
   """MSE and PSNR in [-1, 1] units (peak-to-peak 2) of uint8 images against uint8 ground truth, pooled over
   all pixels; with holes [..., H, W] (bool), also the MSE inside the holes."""
-  a = images.astype(np.float64) / 127.5 - 1.0
-  b = truth.astype(np.float64) / 127.5 - 1.0
+  a = images_lib.to_float(images, np.float64)
+  b = images_lib.to_float(truth, np.float64)
   sq = np.square(a - b)
   mse = float(sq.mean())
   out = {'pixel_mse': mse, 'psnr': float(10 * np.log10(4.0 / max(mse, 1e-12)))}
@@ -61,7 +68,6 @@ def pixel_metrics(images: np.ndarray, truth: np.ndarray, holes: np.ndarray | Non
 def baseline_images(degradation, conditions: np.ndarray) -> np.ndarray:
   """The non-learned restoration, uint8 [N, R, R, 3]: bicubic up-sampling of the low-res input (sr; the low-res
   image is recovered from the condition's nearest-neighbour blocks by block means) or the masked input."""
-  from idenc_jax.data import degrade  # pylint: disable=import-outside-toplevel
   c = np.asarray(conditions, np.float32)
   if degradation.task == 'sr':
     if degradation.upsample != 'nearest':
@@ -72,7 +78,7 @@ def baseline_images(degradation, conditions: np.ndarray) -> np.ndarray:
   return images_lib.to_uint8(c[..., :3])
 
 
-def restoration_truth(eval_set: harness.EvalSet, num: int) -> np.ndarray:
+def restoration_truth(eval_set: EvalSet, num: int) -> np.ndarray:
   """The first G held-out images of every identity: uint8 [I, G, R, R, 3]."""
   g = min([num] + [len(h) for h in eval_set.held_out])
   if g < 1:
@@ -84,12 +90,11 @@ def markdown(metrics: dict) -> str:
   rows = [dict(metrics['rows'][name], run=name) for name in ROWS if name in metrics['rows']]
   cols = [c for c in TABLE if any(r.get(c) is not None for r in rows)]
   s = metrics['settings']
-  return '\n'.join([f'# Evaluation: {s["task"]} (stage 2)', '', harness.markdown_table(rows, cols), '',
+  return '\n'.join([f'# Evaluation: {s["task"]} (stage 2)', '', report.markdown_table(rows, cols), '',
                     '## Settings', '', '```', json.dumps(s, indent=2, default=str), '```', ''])
 
 
 def _step(workdir: str) -> int | None:
-  from idenc_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   try:
     return ckpt_lib.checkpoint_step(workdir)
   except FileNotFoundError:   # a Restorer built from parameters in memory
@@ -99,20 +104,17 @@ def _step(workdir: str) -> int | None:
 def evaluate_restoration(config, workdir: str, *, restorer=None, max_identities: int | None = None
                          ) -> dict[str, Any]:
   """Runs the protocol above on the latest stage-2 checkpoint in `workdir`; writes WORKDIR/eval/*."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  from idenc_jax.personalize import restorer as restore  # pylint: disable=import-outside-toplevel
-  from idenc_jax.diffusion import samplers  # pylint: disable=import-outside-toplevel
   ev = config.eval
   t_start = time.time()
-  restorer = restorer or restore.Restorer.from_workdir(config, workdir)
+  restorer = restorer or Restorer.from_workdir(config, workdir)
   deg = restorer.degradation
-  eval_set = harness.load_eval_set(config, max_identities=max_identities)
+  eval_set = load_eval_set(config, max_identities=max_identities)
   truth = restoration_truth(eval_set, ev.num_generated)
   n_id, g = truth.shape[:2]
   flat_truth = truth.reshape((-1,) + truth.shape[2:])
   conditions = restorer.degrade(flat_truth, seed=config.seed)
   holes = conditions[..., 3] > 0.5 if deg.task == 'inpaint' else None
-  zs = harness.embed_eval_set(restorer.personalizer, eval_set)
+  zs = embed_eval_set(restorer.personalizer, eval_set)
   steps = samplers.num_steps_from_config(ev.sampler, ev.steps, config.diffusion.timesteps,
                                          config.diffusion.sample_start_t)
   kw = dict(sampler=ev.sampler, steps=steps, eta=ev.eta, seed=config.seed)
@@ -128,7 +130,7 @@ def evaluate_restoration(config, workdir: str, *, restorer=None, max_identities:
     images['consistent'] = restorer.restore_batch(right, conditions, consistent=True, **kw)[:, 0]
     images['consistent_wrong_identity'] = restorer.restore_batch(wrong, conditions, consistent=True, **kw)[:, 0]
   sample_seconds = time.time() - t0
-  evaluator = harness.Evaluator(config, eval_set)
+  evaluator = Evaluator(config, eval_set)
   rows = {}
   for name in [r for r in ROWS if r in images]:
     m = evaluator.metrics(images[name].reshape(truth.shape), ground_truth=truth)
@@ -148,13 +150,8 @@ def evaluate_restoration(config, workdir: str, *, restorer=None, max_identities:
       'seed': config.seed, 'identity_sources': config.data.identity_sources, 'synthetic': eval_set.synthetic,
       'sample_seconds': sample_seconds, 'wall_seconds': time.time() - t_start,
   }
-  metrics = harness._json_ready(metrics)  # pylint: disable=protected-access
   out = os.path.join(os.path.abspath(workdir), 'eval')
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, 'metrics.json'), 'w') as f:
-    json.dump(metrics, f, indent=2)
-  with open(os.path.join(out, 'metrics.md'), 'w') as f:
-    f.write(markdown(metrics))
+  metrics = report.write_report(out, 'metrics', metrics, markdown(metrics))
   shown = restorer.show(conditions).reshape(truth.shape)
   restored = images['restored'].reshape(truth.shape)
   wrong = images['wrong_identity'].reshape(truth.shape)

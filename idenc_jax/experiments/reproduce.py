@@ -2,7 +2,7 @@
 
 For each dataset (synthetic identities; optionally the real faces of celeba_id128, prepared at the run's
 resolution) and each Table 3 variant (diffae, avg, multitask, full; see configs/base.py), the script trains
-the variant with the project's trainer, evaluates it with the harness (`--mode=eval` protocol), runs the
+the variant with the project's trainer, evaluates it (`--mode=eval`, `evaluate.generation`), runs the
 sampler sweep (quality against steps) and the fine-tuning baseline on the full method, trains stage 2
 (super-resolution, inpainting) on the full method and evaluates it against ground truth (Table 1's
 conditional columns, `evaluate/restoration.py`), and writes OUT/results.json, OUT/tables.md. Finished
@@ -24,6 +24,15 @@ import sys
 import time
 
 from absl import app, flags, logging
+
+from configs.base import get_config
+from idenc_jax.data import prepare as prepare_lib
+from idenc_jax.evaluate import report
+from idenc_jax.evaluate.generation import evaluate_generation
+from idenc_jax.evaluate.restoration import evaluate_restoration
+from idenc_jax.experiments import finetune_compare
+from idenc_jax.train import checkpoint as ckpt_lib
+from idenc_jax.train import loop
 
 _OUT = flags.DEFINE_string('out', None, 'Output folder (workdirs, tables).', required=True)
 _BASE = flags.DEFINE_string('base', 'tiny', 'Base config variant (model size): tiny or cpu.')
@@ -73,11 +82,7 @@ RESTORATION_ROWS = {'consistent': 'ours, data-consistent sampling', 'restored': 
 
 def make_config(variant: str, dataset: str, prepared: str | None):
   """The base config with the variant and this run's scale flags applied."""
-  configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
-  if configs not in sys.path:
-    sys.path.insert(0, configs)
-  import base  # pylint: disable=import-outside-toplevel
-  c = base.get_config(f'{_BASE.value},{variant}')
+  c = get_config(f'{_BASE.value},{variant}')
   c.seed = _SEED.value
   c.model.resolution = _RESOLUTION.value
   c.diffusion.timesteps = _TIMESTEPS.value
@@ -109,7 +114,6 @@ def make_config(variant: str, dataset: str, prepared: str | None):
 
 def prepare_celeba(out: str) -> str:
   """celeba_id128 prepared at the run's resolution into OUT (reused when present)."""
-  from idenc_jax.data import prepare as prepare_lib  # pylint: disable=import-outside-toplevel
   dest = os.path.join(out, f'celeba_{_RESOLUTION.value}')
   if not os.path.exists(os.path.join(dest, 'index.json')):
     if not os.path.isdir(_CELEBA.value):
@@ -119,7 +123,6 @@ def prepare_celeba(out: str) -> str:
 
 
 def _finished(workdir: str, steps: int) -> bool:
-  from idenc_jax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   try:
     return ckpt_lib.checkpoint_step(workdir) >= steps
   except FileNotFoundError:
@@ -127,8 +130,6 @@ def _finished(workdir: str, steps: int) -> bool:
 
 
 def run_dataset(dataset: str, out: str) -> dict:
-  from idenc_jax.personalize import finetune  # pylint: disable=import-outside-toplevel
-  from idenc_jax.train import loop  # pylint: disable=import-outside-toplevel
   prepared = prepare_celeba(out) if dataset == 'celeba' else None
   results = {'variants': {}, 'timings': {}}
   for variant in _VARIANTS.value:
@@ -151,7 +152,7 @@ def run_dataset(dataset: str, out: str) -> dict:
       with open(ft_path) as f:
         results['finetune'] = json.load(f)
     else:
-      results['finetune'] = finetune.compare(config, workdir)
+      results['finetune'] = finetune_compare.compare(config, workdir)
     _write(out, dataset, results)
     results['restoration'] = {}
     for task in _TASKS.value:
@@ -166,12 +167,11 @@ def run_dataset(dataset: str, out: str) -> dict:
 
 def _evaluated(config, workdir: str) -> dict:
   """WORKDIR/eval/metrics.json when an earlier (stopped) run wrote it, else a fresh evaluation."""
-  from idenc_jax.evaluate import harness  # pylint: disable=import-outside-toplevel
   path = os.path.join(workdir, 'eval', 'metrics.json')
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  return harness.evaluate(config, workdir)
+  return (evaluate_restoration if config.stage == 2 else evaluate_generation)(config, workdir)
 
 
 def _row(metrics: dict, keys: list[str]) -> dict:
@@ -180,7 +180,6 @@ def _row(metrics: dict, keys: list[str]) -> dict:
 
 def tables_markdown(dataset: str, results: dict) -> str:
   """Table 3 (ablation), Table 1 (vs baselines), the fine-tuning comparison and the sampler sweep."""
-  from idenc_jax.evaluate import harness  # pylint: disable=import-outside-toplevel
   cols = ['id_score', 'fd_face', 'oracle_id_accuracy', 'oracle_chance', 'oracle_fd', 'oracle_distance', 'diversity']
   v = results['variants']
   lines = [f'## {dataset}', '', '### Table 3: ablation (paper ID / FID at 128 px in the last columns)', '']
@@ -188,7 +187,7 @@ def tables_markdown(dataset: str, results: dict) -> str:
   for name, m in v.items():
     paper = PAPER_TABLE3.get(name, (None, None))
     rows.append(dict(_row(m, cols), row=ROW_NAMES.get(name, name), paper_id=paper[0], paper_fid=paper[1]))
-  lines += [harness.markdown_table(rows, cols + ['paper_id', 'paper_fid'], first='row'), '']
+  lines += [report.markdown_table(rows, cols + ['paper_id', 'paper_fid'], first='row'), '']
   ft = results.get('finetune')
   if v:
     lines += ['### Table 1: generation (paper ID / FID / Diversity in the last columns)', '']
@@ -202,11 +201,11 @@ def tables_markdown(dataset: str, results: dict) -> str:
       rows.append(dict(_row(v['full'], cols), method='Ours', paper=str(PAPER_TABLE1['Ours'])))
       if ft:
         rows[-1]['personalize_seconds'] = ft['encoder']['personalize_seconds']
-    lines += [harness.markdown_table(rows, cols + ['personalize_seconds', 'paper'], first='method'), '']
+    lines += [report.markdown_table(rows, cols + ['personalize_seconds', 'paper'], first='method'), '']
   if ft:
     lines += [f'\\* fine-tuning is measured on {ft["settings"]["num_identities"]} identities (oracle gallery: all '
               f'{ft["settings"]["oracle_gallery_identities"]}); on those same identities, seeds and sampler:', '',
-              harness.markdown_table([dict(ft['encoder'], method='encoder (ours)'),
+              report.markdown_table([dict(ft['encoder'], method='encoder (ours)'),
                                       dict(ft['finetune'], method='fine-tuning')],
                                      ['personalize_seconds', 'compile_seconds'] + cols, first='method'), '',
               f'Personalizing with the encoder is {ft["speedup_encoder_vs_finetune"]:.0f}x faster than fine-tuning '
@@ -219,18 +218,19 @@ def tables_markdown(dataset: str, results: dict) -> str:
     st = m['settings']
     lines += [f'### Table 1: {"super-resolution" if task == "sr" else "inpainting"} (stage 2, '
               f'{st["checkpoint_step"]} steps; paper, ours at 128 px: ID / FID / LPIPS {paper})', '',
-              harness.markdown_table(rows, rcols, first='row'), '']
+              report.markdown_table(rows, rcols, first='row'), '']
   sweep = v.get('full', {}).get('sweep') or []
   if sweep:
     lines += ['### Quality against sampling steps (ours)', '',
-              harness.markdown_table(sweep, ['steps', 'sample_seconds', 'oracle_id_accuracy', 'oracle_fd',
+              report.markdown_table(sweep, ['steps', 'sample_seconds', 'oracle_id_accuracy', 'oracle_fd',
                                              'id_score', 'fd_face', 'diversity'], first='sampler'), '']
   return '\n'.join(lines)
 
 
 def _scale() -> dict:
   return {'base': _BASE.value, 'resolution': _RESOLUTION.value, 'train_steps': _STEPS.value,
-          'batch_size': _BATCH.value, 'learning_rate': _LR.value, 'ema_decay': _EMA.value, 'timesteps': _TIMESTEPS.value,
+          'batch_size': _BATCH.value, 'learning_rate': _LR.value, 'ema_decay': _EMA.value,
+          'timesteps': _TIMESTEPS.value,
           'train_identities': _TRAIN_IDS.value, 'test_identities': _TEST_IDS.value,
           'images_per_identity': _IMAGES_PER_ID.value, 'num_references': _NUM_REFS.value,
           'num_generated': _NUM_GEN.value, 'eval_sampler': f'{_EVAL_SAMPLER.value}:{_EVAL_STEPS.value}',
@@ -244,11 +244,10 @@ _ALL: dict = {}
 
 
 def _write(out: str, dataset: str, results: dict):
-  from idenc_jax.evaluate import harness  # pylint: disable=import-outside-toplevel
   _ALL[dataset] = results
   doc = {'scale': _scale(), 'datasets': _ALL}
   with open(os.path.join(out, 'results.json'), 'w') as f:
-    json.dump(harness._json_ready(doc), f, indent=2)  # pylint: disable=protected-access
+    json.dump(report.json_ready(doc), f, indent=2)
   md = ['# Small-scale reproduction of Tables 1 and 3', '', '```', json.dumps(_scale(), indent=2), '```', '']
   md += [tables_markdown(name, res) for name, res in _ALL.items()]
   with open(os.path.join(out, 'tables.md'), 'w') as f:

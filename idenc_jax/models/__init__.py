@@ -27,14 +27,17 @@ def build_generator(config) -> UNet:
       cross_attn_resolutions=tuple(config.stage2.cross_attn_resolutions) if config.stage == 2 else ())
 
 
-def build_encoder(config) -> IdentityEncoder:
+def _trunk_fields(config, channel_mult) -> dict:
+  """The conv-trunk fields both encoders take from `config.encoder` and `config.model`."""
   e, m = config.encoder, config.model
-  return IdentityEncoder(
-      base_channels=e.base_channels, channel_mult=tuple(e.channel_mult),
-      num_res_blocks=e.num_res_blocks, attn_resolutions=tuple(e.attn_resolutions),
-      num_heads=e.num_heads, embed_dim=m.embed_dim, num_groups=m.num_groups, mlp_ratio=m.mlp_ratio,
-      attention=m.attention, remat=m.remat, conv_grad=m.conv_grad, group_norm=m.group_norm,
-      dtype=compute_dtype(config))
+  return dict(base_channels=e.base_channels, channel_mult=tuple(channel_mult), num_res_blocks=e.num_res_blocks,
+              attn_resolutions=tuple(e.attn_resolutions), num_heads=e.num_heads, num_groups=m.num_groups,
+              mlp_ratio=m.mlp_ratio, attention=m.attention, remat=m.remat, conv_grad=m.conv_grad,
+              group_norm=m.group_norm, dtype=compute_dtype(config))
+
+
+def build_encoder(config) -> IdentityEncoder:
+  return IdentityEncoder(**_trunk_fields(config, config.encoder.channel_mult), embed_dim=config.model.embed_dim)
 
 
 def condition_encoder_levels(config) -> int:
@@ -52,14 +55,8 @@ def condition_encoder_levels(config) -> int:
 
 
 def build_condition_encoder(config) -> ConditionEncoder:
-  e, m = config.encoder, config.model
-  return ConditionEncoder(
-      base_channels=e.base_channels, channel_mult=tuple(e.channel_mult)[:condition_encoder_levels(config)],
-      num_res_blocks=e.num_res_blocks, attn_resolutions=tuple(e.attn_resolutions),
-      num_heads=e.num_heads, token_dim=config.stage2.token_dim, num_groups=m.num_groups,
-      mlp_ratio=m.mlp_ratio, attention=m.attention, remat=m.remat, conv_grad=m.conv_grad,
-      group_norm=m.group_norm,
-      dtype=compute_dtype(config))
+  channel_mult = tuple(config.encoder.channel_mult)[:condition_encoder_levels(config)]
+  return ConditionEncoder(**_trunk_fields(config, channel_mult), token_dim=config.stage2.token_dim)
 
 
 __all__ = ['UNet', 'IdentityEncoder', 'ConditionEncoder', 'build_generator', 'build_encoder',

@@ -7,6 +7,7 @@ a down-sampling residual block between levels, and a middle of residual, attenti
 `ConditionEncoder` keeps the final feature map and returns it as tokens [B, H*W, C].
 """
 
+import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -14,16 +15,15 @@ import jax
 import jax.numpy as jnp
 
 from idenc_jax.models import layers
-from idenc_jax.models.unet import block_cls
 
 
 class ConvTrunk(nn.Module):
   """The shared encoder body: image [B,R,R,C] -> final feature map [B, R/2^(L-1), ..., C_last]."""
-  base_channels: int
-  channel_mult: Sequence[int]
-  num_res_blocks: int
-  attn_resolutions: Sequence[int]
-  num_heads: int
+  base_channels: int = 128
+  channel_mult: Sequence[int] = (1,)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = ()
+  num_heads: int = 8
   num_groups: int = 32
   mlp_ratio: int = 4
   attention: str = 'xla'
@@ -35,80 +35,58 @@ class ConvTrunk(nn.Module):
   @nn.compact
   def __call__(self, x):
     dt = self.dtype
-    Res = block_cls(layers.ResBlock, self.remat)
-    Attn = block_cls(layers.AttentionBlock, self.remat)
+    Res = layers.block_cls(layers.ResBlock, self.remat)
+    Attn = layers.block_cls(layers.AttentionBlock, self.remat)
     attn = lambda h, name: Attn(self.num_heads, self.mlp_ratio, 0.0, self.attention, dt, name=name)(h)
-    cg, gn = self.conv_grad, self.group_norm
-    h = layers.conv3x3(self.base_channels, dt, 'conv_in', conv_grad=cg)(x.astype(dt))
+    res = lambda h, ch, name, resample='none': Res(ch, self.num_groups, 0.0, resample, dt, conv_grad=self.conv_grad,
+                                                   group_norm=self.group_norm, name=name)(h)
+    h = layers.conv3x3(self.base_channels, dt, 'conv_in', conv_grad=self.conv_grad)(x.astype(dt))
     cur = x.shape[1]
     for level, mult in enumerate(self.channel_mult):
       for i in range(self.num_res_blocks):
-        h = Res(mult * self.base_channels, self.num_groups, 0.0, 'none', dt, conv_grad=cg, group_norm=gn,
-                name=f'down_{level}_{i}')(h)
+        h = res(h, mult * self.base_channels, f'down_{level}_{i}')
         if cur in self.attn_resolutions:
           h = attn(h, f'down_{level}_{i}_attn')
       if level != len(self.channel_mult) - 1:
-        h = Res(h.shape[-1], self.num_groups, 0.0, 'down', dt, conv_grad=cg, group_norm=gn,
-                name=f'down_{level}_resample')(h)
+        h = res(h, h.shape[-1], f'down_{level}_resample', 'down')
         cur //= 2
-    h = Res(h.shape[-1], self.num_groups, 0.0, 'none', dt, conv_grad=cg, group_norm=gn, name='mid_0')(h)
+    h = res(h, h.shape[-1], 'mid_0')
     h = attn(h, 'mid_attn')
-    return Res(h.shape[-1], self.num_groups, 0.0, 'none', dt, conv_grad=cg, group_norm=gn, name='mid_1')(h)
+    return res(h, h.shape[-1], 'mid_1')
 
 
-class IdentityEncoder(nn.Module):
+_TRUNK_FIELDS = tuple(f.name for f in dataclasses.fields(ConvTrunk) if f.name not in ('parent', 'name'))
+
+
+class _TrunkEncoder(ConvTrunk):
+  """Both encoders: the trunk's fields, and the trunk followed by a norm + SiLU (`_features`)."""
+
+  def _features(self, x):
+    h = ConvTrunk(**{f: getattr(self, f) for f in _TRUNK_FIELDS}, name='trunk')(x)
+    return layers.norm_silu(self.group_norm, self.num_groups, self.dtype, 'norm_out')(h)
+
+
+class IdentityEncoder(_TrunkEncoder):
   """Enc: images [B,R,R,3] in [-1,1] -> identity embeddings [B, embed_dim] (float32)."""
-  base_channels: int
-  channel_mult: Sequence[int]
-  num_res_blocks: int
-  attn_resolutions: Sequence[int]
-  num_heads: int
-  embed_dim: int
-  num_groups: int = 32
-  mlp_ratio: int = 4
-  attention: str = 'xla'
-  remat: bool = False
-  dtype: Any = jnp.float32
-  conv_grad: str = 'xla'
-  group_norm: str = 'flax'
+  embed_dim: int = 512
 
   @nn.compact
   def __call__(self, images):
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f'encoder expects NHWC RGB images, got shape {images.shape}')
-    h = ConvTrunk(self.base_channels, self.channel_mult, self.num_res_blocks, self.attn_resolutions,
-                  self.num_heads, self.num_groups, self.mlp_ratio, self.attention, self.remat,
-                  self.dtype, self.conv_grad, self.group_norm, name='trunk')(images)
-    h = layers.norm_silu(self.group_norm, self.num_groups, self.dtype, 'norm_out')(h)
-    h = h.mean(axis=(1, 2))
+    h = self._features(images).mean(axis=(1, 2))
     return nn.Dense(self.embed_dim, dtype=self.dtype, name='proj')(h).astype(jnp.float32)
 
 
-class ConditionEncoder(nn.Module):
+class ConditionEncoder(_TrunkEncoder):
   """Stage 2: a degraded image (plus mask channels) -> condition tokens [B, L, C] from the final map."""
-  base_channels: int
-  channel_mult: Sequence[int]
-  num_res_blocks: int
-  attn_resolutions: Sequence[int]
-  num_heads: int
-  token_dim: int
-  num_groups: int = 32
-  mlp_ratio: int = 4
-  attention: str = 'xla'
-  remat: bool = False
-  dtype: Any = jnp.float32
-  conv_grad: str = 'xla'
-  group_norm: str = 'flax'
+  token_dim: int = 512
 
   @nn.compact
   def __call__(self, cond_image):
-    h = ConvTrunk(self.base_channels, self.channel_mult, self.num_res_blocks, self.attn_resolutions,
-                  self.num_heads, self.num_groups, self.mlp_ratio, self.attention, self.remat,
-                  self.dtype, self.conv_grad, self.group_norm, name='trunk')(cond_image)
-    h = layers.norm_silu(self.group_norm, self.num_groups, self.dtype, 'norm_out')(h)
+    h = self._features(cond_image)
     b, hh, ww, c = h.shape
-    tokens = nn.Dense(self.token_dim, dtype=self.dtype, name='proj')(h.reshape(b, hh * ww, c))
-    return tokens
+    return nn.Dense(self.token_dim, dtype=self.dtype, name='proj')(h.reshape(b, hh * ww, c))
 
 
 def aggregate_embeddings(z_refs: jax.Array) -> jax.Array:

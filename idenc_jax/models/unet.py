@@ -14,15 +14,9 @@ through which the features attend to condition tokens; their outputs start at ze
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from idenc_jax.models import layers
-
-
-def block_cls(cls, remat: bool):
-  # Rematerialise per block: recompute activations in the backward pass instead of storing them.
-  return nn.remat(cls) if remat else cls
 
 
 class UNet(nn.Module):
@@ -58,8 +52,8 @@ class UNet(nn.Module):
       raise ValueError('this generator has cross-attention layers and needs condition tokens')
 
     dt = self.dtype
-    Res = block_cls(layers.ResBlock, self.remat)
-    Attn = block_cls(layers.AttentionBlock, self.remat)
+    Res = layers.block_cls(layers.ResBlock, self.remat)
+    Attn = layers.block_cls(layers.AttentionBlock, self.remat)
     emb = layers.TimeEmbedding(self.base_channels, 4 * self.base_channels, dt, name='time_embed')(t)
     cond = None if z is None else z.astype(dt)
 

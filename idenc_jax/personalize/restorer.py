@@ -17,38 +17,25 @@ Data consistency (`diffusion.consistency`, not the paper's method, an option): w
 denoised estimate inside the sampler keeps what the input fixes (the low-res block means, the known pixels);
 `project` applies the same projection once, after sampling. Both need sr_upsample='nearest' for SR.
 
-Command line (`--mode=sample` on a stage-2 config; `personalize.sample_from_config` hands over):
-
-  python -m idenc_jax.main --config=configs/base.py:sr_cpu --workdir=STAGE2 --mode=sample \
-      --config.sample.refs=PHOTOS_DIR --config.sample.condition=low_res.png [--config.sample.num=4]
-
-`sample.condition` is the degraded input: for 'sr' a (R/sr_factor)x(R/sr_factor) image; for 'inpaint' an RxR
-image whose hole is its alpha channel (alpha < 128 = missing) or the white pixels of `sample.mask`. With
-`sample.condition_is_clean` it is a clean photo (largest centred square, resized to R) that is degraded here
-(the inpainting hole placed by `sample.seed`). Writes OUT/restored_NNN.png, OUT/input.png (the degraded input
-at full size, hole grey), OUT/grid.png (references | input | restored, then the clean image when given) and
-OUT/embedding.npy; OUT defaults to WORKDIR/restored. `sample.consistent` (True in the stage-2 configs, with
-`sample.eta` = 1) samples with data consistency.
+The command line (`--mode=sample` on a stage-2 config) is `sample_mode.restore_from_config`.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from idenc_jax import models
-from idenc_jax.data import images as images_lib
-from idenc_jax.personalize import personalizer as personalize
 from idenc_jax.data import degrade as degrade_lib
-from idenc_jax.diffusion import consistency, samplers
-from idenc_jax.train import checkpoint as ckpt_lib
+from idenc_jax.data import images as images_lib
+from idenc_jax.diffusion import consistency
+from idenc_jax.personalize.personalizer import Personalizer, load_workdir_params, map_in_chunks
 
 
 class Restorer:
@@ -60,7 +47,7 @@ class Restorer:
                        f'{config.stage}.')
     if 'cond_encoder' not in params:
       raise ValueError("The checkpoint has no 'cond_encoder' parameters: it is not a stage-2 checkpoint.")
-    self.personalizer = personalize.Personalizer(config, params, check=check)
+    self.personalizer = Personalizer(config, params, check=check)
     self.config = config
     self.resolution = config.model.resolution
     self.degradation = degrade_lib.Degradation.from_config(config)
@@ -86,11 +73,7 @@ class Restorer:
 
   @classmethod
   def from_workdir(cls, config, workdir: str) -> 'Restorer':
-    try:
-      params = ckpt_lib.load_params(workdir, ema=True)
-    except FileNotFoundError as e:
-      raise FileNotFoundError(f'Workdir {workdir} has no checkpoint to restore with; train stage 2 first '
-                              f'(--config.init_from=STAGE1_WORKDIR). ({e})') from e
+    params = load_workdir_params(workdir, 'train stage 2 first (--config.init_from=STAGE1_WORKDIR)')
     return cls(config, params)
 
   # ---- Conditions. ----
@@ -120,7 +103,9 @@ class Restorer:
                          'mask image (config.sample.mask, white = missing).')
       hole = arr[..., 3] < 128
     else:
-      m = np.asarray(images_lib.open_image(mask, 'Mask image').convert('L') if isinstance(mask, (str, os.PathLike)) else mask)
+      if isinstance(mask, (str, os.PathLike)):
+        mask = images_lib.open_image(mask, 'Mask image').convert('L')
+      m = np.asarray(mask)
       if m.ndim == 3:
         m = m[..., 0]
       if m.shape != (r, r):
@@ -162,14 +147,12 @@ class Restorer:
     if n != len(conditions) or n == 0:
       raise ValueError(f'{n} embeddings for {len(conditions)} conditions (need the same number, >= 1).')
     chunk = max(1, min(n, max_images_per_call // max(num, 1)))
-    out = []
-    for start in range(0, n, chunk):   # equal chunks (the last padded): one compiled sampler serves all
-      idx = np.minimum(np.arange(start, start + chunk), n - 1)
+
+    def restore_chunk(idx):
       dc = dict(project=self.projector, conditions=conditions[idx]) if consistent else {}
-      imgs = self.personalizer.generate_batch(zs[idx], num, sampler=sampler, steps=steps, eta=eta,
+      return self.personalizer.generate_batch(zs[idx], num, sampler=sampler, steps=steps, eta=eta,
                                               seeds=seed + idx, context=self.tokens(conditions[idx]), **dc)
-      out.append(imgs[:min(chunk, n - start)])
-    return np.concatenate(out)
+    return map_in_chunks(restore_chunk, n, chunk)
 
   def restore(self, z: np.ndarray, conditions: np.ndarray, num: int = 1, **kw) -> np.ndarray:
     """Every condition [N, R, R, C] restored as the identity with embedding z [D]: uint8 [N, num, R, R, 3]."""
@@ -177,55 +160,3 @@ class Restorer:
     if z.shape != (self.personalizer.embed_dim,):
       raise ValueError(f'Embedding must have shape [{self.personalizer.embed_dim}], got {z.shape}.')
     return self.restore_batch(np.broadcast_to(z, (len(conditions),) + z.shape), conditions, num, **kw)
-
-
-def restore_from_config(config, workdir: str) -> dict:
-  """`--mode=sample` for stage 2: config.sample.{refs, condition, mask, condition_is_clean} -> files in
-  config.sample.out (default WORKDIR/restored). Returns the written paths."""
-  s = config.sample
-  if not s.condition:
-    raise ValueError('config.sample.condition is not set: give the degraded input image (or a clean one with '
-                     '--config.sample.condition_is_clean=True).')
-  if not s.refs:
-    raise ValueError('config.sample.refs is not set: give a folder of reference photos of the person or a '
-                     'saved .npy embedding.')
-  out_dir = s.out or os.path.join(workdir, 'restored')
-  r = config.model.resolution
-  if str(s.refs).endswith('.npy'):
-    z, refs = personalize.load_embedding(s.refs, config.model.embed_dim), None
-  else:
-    if not os.path.exists(s.refs):
-      raise FileNotFoundError(f'config.sample.refs not found: {s.refs}')
-    refs = personalize.load_references(s.refs, r, align=s.align)
-  image = images_lib.open_image(s.condition, 'config.sample.condition')
-  restorer = Restorer.from_workdir(config, workdir)
-  clean = None
-  if s.condition_is_clean:
-    clean = np.asarray(images_lib.center_crop_resize(image.convert('RGB'), r))[None]
-    cond = restorer.degrade(clean, seed=s.seed)
-  else:
-    cond = restorer.condition_from_input(image, s.mask)[None]
-  if refs is not None:
-    z = restorer.personalizer.embed(refs, align=False)
-  steps = samplers.num_steps_from_config(s.sampler, s.steps, config.diffusion.timesteps,
-                                         config.diffusion.sample_start_t)
-  restored = restorer.restore(z, cond, s.num, sampler=s.sampler, steps=steps, eta=s.eta, seed=s.seed,
-                              consistent=s.consistent)[0]
-
-  os.makedirs(out_dir, exist_ok=True)
-  paths = {'restored': []}
-  for i, img in enumerate(restored):
-    paths['restored'].append(os.path.join(out_dir, f'restored_{i:03d}.png'))
-    Image.fromarray(img).save(paths['restored'][-1])
-  shown = restorer.show(cond)
-  paths['input'] = os.path.join(out_dir, 'input.png')
-  Image.fromarray(shown[0]).save(paths['input'])
-  right = np.concatenate([shown, restored] + ([clean] if clean is not None else []))
-  grid = personalize.references_and_samples_grid(refs, right) if refs is not None else images_lib.image_grid([right])
-  paths['grid'] = os.path.join(out_dir, 'grid.png')
-  Image.fromarray(grid).save(paths['grid'])
-  paths['embedding'] = os.path.join(out_dir, 'embedding.npy')
-  personalize.save_embedding(paths['embedding'], z)
-  logging.info('Restored %s (%s) %d times with %s into %s.', s.condition, config.stage2.task, s.num, s.refs,
-               out_dir)
-  return paths

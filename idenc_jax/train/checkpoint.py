@@ -56,7 +56,7 @@ MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 2**20
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
   """orbax's default handler for pytrees of arrays, but for the replica-parallel threshold."""
   try:  # the per-array metadata orbax's default array handler also keeps (no public path to it)
-    from orbax.checkpoint._src.metadata import array_metadata_store  # pylint: disable=g-import-not-at-top
+    from orbax.checkpoint._src.metadata import array_metadata_store  # private path: may move
     store = array_metadata_store.Store()
   except ImportError:
     store = None

@@ -183,7 +183,7 @@ def fid_unavailable_reason(weights_path: str | os.PathLike | None) -> str | None
   if not os.path.isfile(weights_path):
     return f'FID weight file not found: {weights_path} (expected pytorch-fid\'s {WEIGHTS_NAME})'
   try:
-    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    import torch  # noqa: F401  lazy: torch is optional; only its presence is checked
   except ImportError:
     return f'reading the FID weight file {weights_path} needs torch (a CPU build is enough): pip install torch'
   return None
@@ -250,7 +250,7 @@ def convert_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
 def load_pytorch_fid_weights(path: str | os.PathLike) -> dict[str, Any]:
   """Reads pytorch-fid's weight file (a torch state_dict) into flax variables {'params', 'batch_stats'}."""
   path = require_fid_weights(path)
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch  # lazy: torch is optional (only to read the .pth weights)
   try:
     state_dict = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # torch raises several unrelated types for a bad file

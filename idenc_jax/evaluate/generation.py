@@ -1,0 +1,95 @@
+"""`--mode=eval` on a stage-0/1 config: personalized generation measured with the protocol (`protocol`) and
+every metric (`evaluator`).
+
+`config.eval.sweep` (e.g. 'ddim:10,ddim:25,dpmpp:10,ddpm:1000') repeats generation and metrics for each
+sampler:steps pair: quality against the number of model calls, with the sampling wall time (`sample_seconds`,
+which includes compiling that sampler unless an earlier run already did).
+Outputs: eval/metrics.json (metrics, `sweep`, `settings`), eval/metrics.md, eval/samples.png, and
+TensorBoard scalars under `eval/` in WORKDIR/eval.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from idenc_jax.data import images as images_lib
+from idenc_jax.diffusion import samplers
+from idenc_jax.evaluate import report
+from idenc_jax.evaluate.evaluator import EXTRAS, METRICS, Evaluator
+from idenc_jax.evaluate.protocol import EvalSet, embed_eval_set, generate_for_eval, load_eval_set, parse_sweep
+from idenc_jax.personalize.personalizer import Personalizer
+from idenc_jax.train import checkpoint as ckpt_lib
+
+
+def samples_grid(eval_set: EvalSet, generated: np.ndarray, max_rows: int = 8) -> np.ndarray:
+  """One row per identity: its references, then its generated images."""
+  rows = [np.concatenate([eval_set.references[i], generated[i]]) for i in range(min(len(generated), max_rows))]
+  return images_lib.image_grid(rows)
+
+
+def run_protocol(config, personalizer, eval_set: EvalSet, evaluator: Evaluator, *, sampler: str,
+                 steps: int | None, generator_params: Any = None, zs: np.ndarray | None = None,
+                 eta: float = 0.0) -> tuple[dict[str, Any], np.ndarray]:
+  """Embeds, generates G images per identity and measures them: (metrics + timings, generated)."""
+  t0 = time.perf_counter()
+  zs = embed_eval_set(personalizer, eval_set) if zs is None else zs
+  t1 = time.perf_counter()
+  gen = generate_for_eval(personalizer, zs, config.eval.num_generated, sampler=sampler, steps=steps,
+                          seed=config.seed, generator_params=generator_params, eta=eta)
+  t2 = time.perf_counter()
+  m = evaluator.metrics(gen)
+  m.update(embed_seconds=t1 - t0, sample_seconds=t2 - t1, metric_seconds=time.perf_counter() - t2)
+  return m, gen
+
+
+def evaluate_generation(config, workdir: str) -> dict[str, Any]:
+  """Runs the protocol on the latest checkpoint in `workdir`; writes WORKDIR/eval/{metrics.json, metrics.md,
+  samples.png} and TensorBoard scalars. Returns the metrics dict."""
+  ev = config.eval
+  t_start = time.time()
+  p = Personalizer.from_workdir(config, workdir)
+  step = ckpt_lib.checkpoint_step(workdir)
+  eval_set = load_eval_set(config)
+  evaluator = Evaluator(config, eval_set)
+  T = config.diffusion.timesteps
+  main_steps = samplers.num_steps_from_config(ev.sampler, ev.steps, T, config.diffusion.sample_start_t)
+  zs = embed_eval_set(p, eval_set)
+  metrics, gen = run_protocol(config, p, eval_set, evaluator, sampler=ev.sampler, steps=main_steps, zs=zs,
+                              eta=ev.eta)
+  logging.info('eval (%s, %s steps): %s', ev.sampler, ev.steps,
+               {k: metrics[k] for k in METRICS + EXTRAS if metrics.get(k) is not None})
+
+  sweep = []
+  for name, steps in parse_sweep(ev.sweep, T, config.diffusion.sample_start_t):
+    m, _ = run_protocol(config, p, eval_set, evaluator, sampler=name, steps=steps, zs=zs)
+    row = {'sampler': name, 'steps': steps or p.start_t + 1, 'model_calls': steps or p.start_t + 1}
+    row.update({k: m.get(k) for k in METRICS + EXTRAS + ('sample_seconds',)})
+    sweep.append(row)
+    logging.info('eval sweep %s:%d: %s', name, row['steps'], row)
+
+  metrics['sweep'] = sweep
+  metrics['settings'] = {
+      'workdir': os.path.abspath(workdir), 'checkpoint_step': step, 'parameters': 'ema',
+      'sampler': ev.sampler, 'steps': main_steps or p.start_t + 1, 'sample_start_t': p.start_t, 'eta': ev.eta,
+      'num_references': ev.num_references,
+      'num_generated': ev.num_generated, 'num_identities': len(eval_set),
+      'identities_skipped_too_few_images': eval_set.num_skipped,
+      'held_out_real_images': int(sum(len(h) for h in eval_set.held_out)),
+      'identity_sources': config.data.identity_sources, 'synthetic': eval_set.synthetic,
+      'resolution': config.model.resolution, 'seed': config.seed, 'diffusion_timesteps': T,
+      'schedule': config.diffusion.schedule, 'inception_weights': ev.inception_weights,
+      'loss': config.loss.to_dict(), 'face_descriptor': 'dlib_face_recognition_resnet_model_v1, HOG detector, '
+      '5-point landmarks, 150 px chip, padding 0.25', 'wall_seconds': time.time() - t_start,
+  }
+  out = os.path.join(os.path.abspath(workdir), 'eval')
+  metrics = report.write_report(out, 'metrics', metrics, report.metrics_markdown(metrics))
+  Image.fromarray(samples_grid(eval_set, gen)).save(os.path.join(out, 'samples.png'))
+  report.write_tensorboard(out, step, metrics)
+  logging.info('Wrote %s/metrics.json', out)
+  return metrics
