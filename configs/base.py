@@ -40,7 +40,7 @@ def _paper_config() -> config_dict.ConfigDict:
   m.num_groups = 32            # GroupNorm groups
   m.embed_dim = 512            # identity embedding z (= encoder output)
   m.mlp_ratio = 4              # ViT-style attention block MLP width
-  # Performance levers (issue 7); none changes the model's function beyond dtype rounding.
+  # Performance levers; none changes the model's function beyond dtype rounding.
   m.dtype = 'float32'          # compute dtype; parameters always stay float32
   m.remat = False              # rematerialise each residual/attention block in the backward pass
   m.attention = 'xla'          # 'xla' (einsum softmax) or 'fused' (jax.nn.dot_product_attention)
@@ -180,9 +180,9 @@ def _paper_config() -> config_dict.ConfigDict:
 
 
 def _apply_cpu(c):
-  """A 32x32 model (0.6M-parameter generator, 0.2M encoder) whose 2,000 steps at batch 16 take 5-13
-  minutes on a 2-core CPU. Continue the same workdir with a larger `train.num_steps` to train longer:
-  the resumed run equals one that was asked for more steps from the start (README, "main job")."""
+  """A 32x32 model (0.6M-parameter generator, 0.2M encoder) that trains on a 2-core CPU. Continue the same
+  workdir with a larger `train.num_steps` to train longer: the resumed run equals one that was asked for
+  more steps from the start."""
   c.model.resolution = 32
   c.model.base_channels = 16
   c.model.channel_mult = (1, 2, 2, 2)
@@ -191,8 +191,8 @@ def _apply_cpu(c):
   c.model.num_heads = 4
   c.model.num_groups = 8
   c.model.embed_dim = 128
-  # The fused group norm: same parameters and function, 1.2-1.4x the train step's speed on a 2-core CPU
-  # (README, "Performance"); `--config.model.group_norm=flax` is the plain nn.GroupNorm model.
+  # The fused group norm: same parameters and function, a faster train step on CPUs;
+  # `--config.model.group_norm=flax` is the plain nn.GroupNorm model.
   c.model.group_norm = 'fused'
   c.encoder.base_channels = 16
   c.encoder.channel_mult = (1, 2, 2, 2, 2)
@@ -217,8 +217,9 @@ def _apply_cpu(c):
   c.loss.curriculum_steps = 1000
   c.sample.steps = 25
   c.eval.steps = 25
-  # From t = 960 rather than 999: on the 5,000-step model, DDIM-25's oracle FD 7.7 -> 4.6 and diversity
-  # 0.17 (colour casts) -> 0.11, the real images' own 0.11 (README, "main job").
+  # From t = 960 rather than 999: at 999 the cosine schedule's alpha_bar ~ 2e-9 turns an undertrained
+  # model's first x0 estimate into saturated colour casts; 960 keeps the samples' diversity near the real
+  # images'.
   c.diffusion.sample_start_t = 960
   c.finetune.steps = 100
   c.finetune.learning_rate = 2e-4
@@ -282,8 +283,8 @@ def _apply_stage2(c, task: str):
   c.loss.use_id_loss = False
   c.loss.use_agnostic = False
   # Restoration samples keep the input's block means / known pixels at every step (data consistency), with
-  # DDIM at eta = 1: on the cpu models it turns 4x SR's pixel MSE 0.29 (model alone, deterministic) into
-  # 0.013, below bicubic's 0.016 (README, "Restoration"). The evaluation also reports the model alone.
+  # DDIM at eta = 1, which brings the restored pixels close to the input's (the model alone drifts from
+  # them). The evaluation also reports the model alone.
   c.sample.consistent = True
   c.sample.eta = 1.0
   c.eval.eta = 1.0

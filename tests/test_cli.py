@@ -1,0 +1,49 @@
+"""The one config path of every command line: `--config=configs/base.py[:variant]` from any directory."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from idenc_jax import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_configs_path_resolves_outside_the_checkout(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)   # no configs/ here: the importable package's copy is used
+  resolved = cli.resolve_config_path('configs/base.py:cpu,stage0')
+  path, _, variant = resolved.partition(':')
+  assert variant == 'cpu,stage0'
+  assert os.path.samefile(path, os.path.join(REPO, 'configs', 'base.py'))
+
+
+def test_other_paths_are_left_alone(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert cli.resolve_config_path('my_configs/exp.py:x') == 'my_configs/exp.py:x'
+  (tmp_path / 'configs').mkdir()
+  (tmp_path / 'configs' / 'base.py').write_text('')
+  assert cli.resolve_config_path('configs/base.py:cpu') == 'configs/base.py:cpu'   # the local file wins
+
+
+def test_load_config_file_applies_the_variant():
+  config = cli.load_config_file('configs/base.py:tiny')
+  assert config.model.resolution == 16 and config.stage == 1
+  with pytest.raises(FileNotFoundError, match='nothere.py'):
+    cli.load_config_file('nothere.py')
+
+
+def test_misspelt_override_is_one_line_from_another_directory(tmp_path):
+  code = ('from absl import flags; from idenc_jax import cli; cfg = cli.define_config_flag(); '
+          'cli.run(lambda argv: print(cfg.value.model.resolution))')
+  env = dict(os.environ, PYTHONPATH=REPO)
+  ok = subprocess.run([sys.executable, '-c', code, '--config=configs/base.py:tiny'], cwd=tmp_path,
+                      capture_output=True, text=True, env=env, timeout=120)
+  assert ok.returncode == 0, ok.stderr
+  assert ok.stdout.strip() == '16'
+  bad = subprocess.run([sys.executable, '-c', code, '--config=configs/base.py:tiny', '--config.model.resolutoin=8'],
+                       cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+  assert bad.returncode == 1
+  assert 'no such config field: --config.model.resolutoin=8' in bad.stderr
+  assert 'Traceback' not in bad.stderr
