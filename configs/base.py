@@ -49,7 +49,7 @@ def _paper_config() -> config_dict.ConfigDict:
   m.conv_grad = 'xla'
   # Group norms: 'flax' (nn.GroupNorm, then the AdaGN modulation and SiLU as separate ops) or 'fused'
   # (one op with per-channel statistics and its own gradient that keeps no pre-SiLU activation;
-  # idenc_jax/models/layers.py). Same parameters, same function.
+  # idenc_jax/models/ops/group_norm.py). Same parameters, same function.
   m.group_norm = 'flax'
 
   # ---- Identity encoder Enc (paper appendix A). ----------------------------------------------------------

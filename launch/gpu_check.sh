@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The prepared GPU check of issue 7, run from the repository root on a lent H100/H200:
+# The prepared GPU check, run from the repository root on a lent H100/H200:
 #   (a) correctness: the tiny config's fixed-batch loss and gradient norm on the GPU (bf16 + fused
 #       group norm, bf16, float32 at highest precision; bf16 + cuDNN fused attention passed on an H100
 #       before) against the CPU's float32 value, computed beside it in a JAX_PLATFORMS=cpu subprocess;
 #       3 finite train steps;
 #   (b) speed: the paper config at batch 128 on one GPU, lever settings in order of importance
 #       (bf16, bf16+gnfused, bf16+gnfused+fused, fp32, bf16+remat), each with the sampling step at
-#       batch 128 and an operation profile of both steps (idenc_jax/op_profile.py: time by kind of
+#       batch 128 and an operation profile of both steps (idenc_jax/perf/op_profile.py: time by kind of
 #       operation and by part of the model, the top operations), MFU against the dense bf16
 #       datasheet peak (--peak_flops) with the measured matmul alongside;
 #   (c) everything into $OUT (check.json, bench.jsonl, bench.json, profiles.json, log.txt, env.txt,
@@ -18,8 +18,12 @@
 #
 # Dry run on a CPU machine (tiny config everywhere, a few seconds of timing):
 #   IDENC_GPU_CHECK_CPU=1 OUT=/tmp/gpu_check bash launch/gpu_check.sh
-# ml_collections is not on the GPU image: its wheel travels in .whl when carried; without it the
-# benchmark reads configs/base.py through its own small stand-in.
+#
+# Wheels: the GPU image has jax, flax (with PyYAML), optax and orbax, but not ml_collections (absl-py may
+# or may not be there), which every command line of idenc_jax needs. Download both into .whl/ at the
+# repository root (ignored by git) and carry that folder with the run (device tool: carry=[".whl"]):
+#   pip download --no-deps --only-binary=:all: -d .whl ml_collections absl-py
+# They are installed with `pip install --no-deps` into /tmp/idenc_site; without them the script stops.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check_out}
@@ -35,6 +39,10 @@ elapsed() { echo $(( $(date +%s) - START )); }
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/idenc_site \
     .whl/*.whl >>"$LOG" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/idenc_site"
+fi
+if ! $PY -c 'import absl.flags, ml_collections.config_flags' >>"$LOG" 2>&1; then
+  echo "ml_collections or absl-py is missing: carry their wheels in .whl (see the top of $0)" | tee -a "$LOG"
+  exit 1
 fi
 
 if [ "${IDENC_GPU_CHECK_CPU:-0}" = 1 ]; then
@@ -54,6 +62,7 @@ fi
   $PY -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, \
 'flax', flax.__version__, 'optax', optax.__version__); print(jax.devices())" 2>&1
   $PY -c "import ml_collections; print('ml_collections', ml_collections.__file__)" 2>&1 | tail -1
+  $PY -c "import absl; print('absl', absl.__file__)" 2>&1 | tail -1
 } >"$OUT/env.txt"
 cat "$OUT/env.txt"
 

@@ -1,19 +1,42 @@
 """The benchmark: its JSON record, its FLOP count against the analytic model count, its config front."""
 
 import json
+import os
+from pathlib import Path
+import subprocess
 import sys
 
+from absl import flags
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from idenc_jax import cli
+from idenc_jax.perf import bench, check, fixtures, flops, levers, measure, op_profile
 from idenc_jax.perf import benchmark as bm
-from idenc_jax.perf import flops
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-def test_cli_prints_one_json_object_with_every_key(capsys):
-  result = bm.main(['--config=configs/base.py:tiny,stage0', '--steps=2', '--warmup=0', '--sample_batch=2',
-                    '--peak_flops=1e10', '--fast_compile', '--config.data.prefetch=1'])
+def load(spec, overrides=None):
+  return levers.apply_overrides(cli.load_config_file(spec), overrides or {})
+
+
+def run_cli(monkeypatch, *args):
+  """`python -m idenc_jax.perf.benchmark ARGS` in this process (ml_collections reads the --config.*
+  overrides from sys.argv, so the command line goes there too)."""
+  argv = ['benchmark', *args]
+  monkeypatch.setattr(sys, 'argv', argv)
+  flag_values = flags.FlagValues()
+  bm.define_flags(flag_values)
+  flag_values(argv)
+  return bm.run_from_flags(flag_values)
+
+
+def test_cli_prints_one_json_object_with_every_key(capsys, monkeypatch):
+  result = run_cli(monkeypatch, '--config=configs/base.py:tiny,stage0', '--config.data.prefetch=1',
+                   '--steps=2', '--warmup=0', '--sample_batch=2', '--peak_flops=1e10', '--fast_compile')
   lines = capsys.readouterr().out.strip().splitlines()
   record = json.loads(lines[-1])
   assert record == json.loads(json.dumps(result))
@@ -27,7 +50,7 @@ def test_cli_prints_one_json_object_with_every_key(capsys):
   # Derived numbers from their definitions.
   assert record['train_images_per_s'] == pytest.approx(1e3 * b / record['train_step_ms'])
   assert record['peak_flops'] == 1e10 and record['peak_flops_source'] == 'flag'
-  config = bm.load_config('configs/base.py:tiny,stage0')
+  config = load('configs/base.py:tiny,stage0')
   assert record['flops_per_image_analytic'] == flops.training_flops_per_image(config)
   assert record['mfu'] == pytest.approx(record['flops_per_image_analytic'] * record['train_images_per_s'] / 1e10)
   # XLA's count of the whole step (backward, optimizer) within 10% of 3 x the analytic forward.
@@ -38,76 +61,79 @@ def test_cli_prints_one_json_object_with_every_key(capsys):
 def test_compiled_memory_counts_temporaries():
   """The compiled step's memory includes its temporaries (XLA:CPU's own peak figure leaves them out):
   a jitted function whose 4 MiB intermediate never leaves the executable."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   x = jnp.ones((1024,), jnp.float32)
   compiled = jax.jit(lambda v: (jnp.tanh(jnp.outer(v, v)) @ v)).lower(x).compile()
-  _, estimate = bm._memory(compiled)
+  _, estimate = measure.memory(compiled)
   assert estimate >= 1024 * 1024 * 4   # the [1024, 1024] float32 intermediate
 
 
 def test_paper_config_xla_flops_match_the_analytic_count():
   """The base config's step lowered on abstract shapes only (nothing materialised, no compile): XLA's
   cost analysis of the unoptimised module counts the backward convolutions and dots exactly."""
-  config = bm.load_config('configs/base.py:paper', {'data.images_per_identity': 2})
-  lowered = bm.lower_train_step(config, batch_size=4)
-  xla = bm._cost_flops(lowered) / 4
+  config = load('configs/base.py:paper', {'data.images_per_identity': 2})
+  lowered = bench.lower_train_step(config, batch_size=4)
+  xla = measure.cost_flops(lowered) / 4
   analytic = flops.training_flops_per_image(config)
   assert 400e9 < analytic < 600e9
   assert xla == pytest.approx(analytic, rel=0.1), (xla / 1e9, analytic / 1e9)
 
 
 def test_variant_levers():
-  assert bm.variant_overrides('bf16+remat+fused+mmgrad+b256+prefetch0') == {
+  assert levers.variant_overrides('bf16+remat+fused+mmgrad+b256+prefetch0') == {
       'model.dtype': 'bfloat16', 'model.remat': True, 'model.attention': 'fused', 'model.conv_grad': 'matmul',
       'train.batch_size': 256, 'data.prefetch': 0}
-  assert bm.variant_overrides('fp32+train.learning_rate=1e-4') == {'model.dtype': 'float32',
-                                                                     'train.learning_rate': '1e-4'}
+  assert levers.variant_overrides('fp32+train.learning_rate=1e-4') == {'model.dtype': 'float32',
+                                                                         'train.learning_rate': '1e-4'}
   with pytest.raises(ValueError, match='unknown lever'):
-    bm.variant_overrides('bf17')
-  config = bm.load_config('configs/base.py:cpu', bm.variant_overrides('bf16+remat+b64'))
+    levers.variant_overrides('bf17')
+  cpu = cli.load_config_file('configs/base.py:cpu')
+  config = levers.variant_config(cpu, 'bf16+remat+b64')
   assert (config.model.dtype, config.model.remat, config.train.batch_size) == ('bfloat16', True, 64)
+  assert (cpu.model.dtype, cpu.train.batch_size) == ('float32', 16)   # a copy: the given config is kept
   # Unnamed levers keep the config's value: the cpu model's fused norm, the paper model's flax one.
   assert config.model.group_norm == 'fused'
-  assert bm.load_config('configs/base.py:cpu', bm.variant_overrides('fp32+gnflax')).model.group_norm == 'flax'
-  assert bm.load_config('configs/base.py:paper', bm.variant_overrides('bf16')).model.group_norm == 'flax'
+  assert levers.variant_config(cpu, 'fp32+gnflax').model.group_norm == 'flax'
+  paper = cli.load_config_file('configs/base.py:paper')
+  assert levers.variant_config(paper, 'bf16').model.group_norm == 'flax'
+  assert levers.variant_config(cpu, 'fp32+train.learning_rate=1e-4').train.learning_rate == 1e-4
 
 
 def test_overrides_are_typed_and_checked():
-  config = bm.load_config('configs/base.py:tiny', {'train.learning_rate': '3', 'model.remat': 'true',
-                                                   'model.attn_resolutions': '(4, 2)'})
+  config = load('configs/base.py:tiny', {'train.learning_rate': '3', 'model.remat': 'True',
+                                         'model.attn_resolutions': '(4, 2)'})
   assert config.train.learning_rate == 3.0 and isinstance(config.train.learning_rate, float)
   assert config.model.remat is True and tuple(config.model.attn_resolutions) == (4, 2)
   with pytest.raises(ValueError, match='unknown config field'):
-    bm.load_config('configs/base.py:tiny', {'model.dtpye': 'bfloat16'})
+    load('configs/base.py:tiny', {'model.dtpye': 'bfloat16'})
+  with pytest.raises(ValueError, match="bad value 'yes' for config field 'model.remat'"):
+    load('configs/base.py:tiny', {'model.remat': 'yes'})
   with pytest.raises(FileNotFoundError):
-    bm.load_config('configs/nothing.py:tiny')
+    load('configs/nothing.py:tiny')
 
 
-def test_config_stand_in_reads_the_config_like_ml_collections(monkeypatch):
-  """Without ml_collections (the GPU image), configs/base.py loads through the stand-in unchanged."""
-  real = bm.load_config('configs/base.py:cpu')
-  for name in [m for m in sys.modules if m == 'ml_collections' or m.startswith('ml_collections.')]:
-    monkeypatch.delitem(sys.modules, name)
-  monkeypatch.setitem(sys.modules, 'ml_collections', None)   # makes `import ml_collections` fail
-  with pytest.raises(ImportError):
-    import ml_collections  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  stand_in = bm.load_config('configs/base.py:cpu', {'model.dtype': 'bfloat16'})
-  assert isinstance(stand_in, bm._FallbackConfigDict)
-  assert stand_in.to_dict() == {**real.to_dict(), 'model': {**real.model.to_dict(), 'dtype': 'bfloat16'}}
-  with pytest.raises(ValueError, match='unknown config field'):
-    bm.override(stand_in, 'model.nope', 1)
+def test_cli_runs_without_tensorflow_and_rejects_a_misspelt_field_in_one_line():
+  """The GPU image has jax, flax, optax, ml_collections and absl but no tensorflow, grain or clu."""
+  code = ('import runpy, sys\nfor m in ("tensorflow", "grain", "clu"): sys.modules[m] = None\n'
+          'sys.argv = ["benchmark"] + sys.argv[1:]\n'
+          'runpy.run_module("idenc_jax.perf.benchmark", run_name="__main__", alter_sys=True)')
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu')
+  for arg, field in (('--config.train.batch_sise=8', 'batch_sise'),
+                     ('--variants=fp32+model.dtpye=x', 'dtpye')):
+    proc = subprocess.run([sys.executable, '-c', code, '--config=configs/base.py:tiny', arg], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and field in lines[0], proc.stderr[-3000:]
 
 
 def test_synthetic_batch_structure():
-  config = bm.load_config('configs/base.py:tiny')
-  batch = bm.synthetic_batch(config)
+  config = load('configs/base.py:tiny')
+  batch = fixtures.synthetic_batch(config)
   m = config.data.images_per_identity
   assert batch['id_images'].shape == (8, 16, 16, 3) and batch['id_images'].dtype == np.uint8
   assert batch['agnostic_images'].shape == (8, 16, 16, 3)
   np.testing.assert_array_equal(batch['id_groups'], np.repeat(np.arange(8 // m), m))
   with pytest.raises(ValueError, match='images_per_identity'):
-    bm.synthetic_batch(bm.load_config('configs/base.py:tiny', {'train.batch_size': 10}))
+    fixtures.synthetic_batch(load('configs/base.py:tiny', {'train.batch_size': 10}))
 
 
 def test_table_reports_failed_variants():
@@ -116,10 +142,9 @@ def test_table_reports_failed_variants():
 
 
 def test_interleaved_variants_time_train_and_sampling_steps_in_turns():
-  configs = {v: bm.load_config('configs/base.py:tiny,stage0', bm.variant_overrides(v))
-             for v in ('gnflax', 'gnfused')}
-  records = bm.run_interleaved(configs, steps=2, warmup=0, sample_batch=2, peak_flops=1e10,
-                               compiler_options=bm.FAST_COMPILE)
+  configs = {v: levers.variant_config(load('configs/base.py:tiny,stage0'), v) for v in ('gnflax', 'gnfused')}
+  records = bench.run_interleaved(configs, steps=2, warmup=0, sample_batch=2, peak_flops=1e10,
+                                  compiler_options=measure.FAST_COMPILE)
   assert [(r['variant'], r['group_norm']) for r in records] == [('gnflax', 'flax'), ('gnfused', 'fused')]
   for r in records:
     assert r['timed_steps'] == 2 and r['finite']
@@ -133,27 +158,26 @@ def test_gpu_check_compares_each_variant_with_a_cpu_float32_reference():
   reference computed in a separate JAX_PLATFORMS=cpu process, bf16 + fused norm is within bf16's
   tolerance and trains finitely, and a variant computing another function (8 groups per norm, not
   tiny's 4; the same parameter tree) fails the check."""
-  result = bm.run_check('configs/base.py:tiny', {'model.group_norm': 'flax'},
-                        ['bf16+gnfused', 'fp32', 'model.num_groups=8'], steps=2, fast_compile=True)
+  config = load('configs/base.py:tiny', {'model.group_norm': 'flax'})
+  result = check.run_check(config, 'configs/base.py:tiny', ['--config.model.group_norm=flax'],
+                           ['bf16+gnfused', 'fp32', 'model.num_groups=8'], steps=2, fast_compile=True)
   v = result['variants']
   assert v['fp32']['pass'] and v['fp32']['loss_rel_err'] <= 1e-6
   assert v['bf16+gnfused']['pass'] and v['bf16+gnfused']['train_steps']['final_step'] == 2
-  assert 1e-6 < v['bf16+gnfused']['loss_rel_err'] <= bm.CHECK_TOLERANCES['bfloat16'][0]   # bf16 did run
+  assert 1e-6 < v['bf16+gnfused']['loss_rel_err'] <= check.CHECK_TOLERANCES['bfloat16'][0]   # bf16 did run
   assert not v['model.num_groups=8']['pass'] and v['model.num_groups=8']['loss_rel_err'] > 1e-3
-  assert not result['pass'] and result['host'] == bm.host_info()
-  assert 'FAIL' in bm.format_check(result)
+  assert not result['pass'] and result['host'] == measure.host_info()
+  assert 'FAIL' in check.format_check(result)
 
 
 def test_a_failed_profile_keeps_the_timings(monkeypatch, tmp_path):
-  from idenc_jax.perf import op_profile  # pylint: disable=g-import-not-at-top
-
   def broken(*args, **kwargs):
     raise ValueError('the trace holds no operation of module jit_train_step')
 
   monkeypatch.setattr(op_profile, 'profile_compiled', broken)
-  config = bm.load_config('configs/base.py:tiny,stage0')
-  record = bm.run_variant(config, steps=1, warmup=0, sample_batch=2, peak_flops=1e10,
-                          compiler_options=bm.FAST_COMPILE, profile_dir=str(tmp_path))
+  config = load('configs/base.py:tiny,stage0')
+  record = bench.run_variant(config, steps=1, warmup=0, sample_batch=2, peak_flops=1e10,
+                             compiler_options=measure.FAST_COMPILE, profile_dir=str(tmp_path))
   assert record['train_step_ms'] > 0 and record['sample_step_ms'] > 0
   assert 'no operation' in record['train_profile']['error']
   assert 'no operation' in record['sample_profile']['error']

@@ -6,14 +6,20 @@ Layer-level: the matmul-gradient convolution, the attention paths and the fused 
 numpy float64 formulas (the fused norm's gradient against float64 central differences).
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from idenc_jax.perf import benchmark as bm
+from idenc_jax import cli, models
 from idenc_jax.models import layers
-from idenc_jax.models.unet import block_cls
+from idenc_jax.models.ops import attention as attention_ops
+from idenc_jax.models.ops import conv as conv_ops
+from idenc_jax.models.ops import group_norm as norm_ops
+from idenc_jax.perf import fixtures
+from idenc_jax.perf import levers as levers_lib
 from idenc_jax.train import state as state_lib
 
 # Tests compile at LLVM -O0: half the compile time; the arithmetic XLA emits is the same.
@@ -26,7 +32,7 @@ PLAIN = {'model.dtype': 'float32', 'model.remat': False, 'model.attention': 'xla
 
 
 def tiny(**overrides):
-  return bm.load_config('configs/base.py:tiny', {**PLAIN, **overrides})
+  return levers_lib.apply_overrides(cli.load_config_file('configs/base.py:tiny'), {**PLAIN, **overrides})
 
 
 def flat(tree) -> np.ndarray:
@@ -35,7 +41,7 @@ def flat(tree) -> np.ndarray:
 
 @pytest.fixture(scope='module')
 def reference():
-  loss, metrics, grads = bm.fixed_batch_loss_and_grads(tiny(), compiler_options=FAST_COMPILE)
+  loss, metrics, grads = fixtures.fixed_batch_loss_and_grads(tiny(), compiler_options=FAST_COMPILE)
   assert np.isfinite(loss) and metrics['id_kept_fraction'] > 0   # every loss term takes part
   g = flat(grads)
   assert np.linalg.norm(g) > 0
@@ -44,7 +50,7 @@ def reference():
 
 def _assert_model_close(reference, overrides, tol_loss, tol_grad):
   ref_loss, ref_grads = reference
-  loss, _, grads = bm.fixed_batch_loss_and_grads(tiny(**overrides), compiler_options=FAST_COMPILE)
+  loss, _, grads = fixtures.fixed_batch_loss_and_grads(tiny(**overrides), compiler_options=FAST_COMPILE)
   g = flat(grads)
   assert g.shape == ref_grads.shape   # the parameter tree is unchanged
   assert abs(loss - ref_loss) <= tol_loss * abs(ref_loss), (loss, ref_loss)
@@ -85,10 +91,10 @@ def _block_inputs(kind):
 def _block(kind, **levers):
   if kind == 'res':
     conv_grad, group_norm = levers.pop('conv_grad', 'xla'), levers.pop('group_norm', 'flax')
-    cls = block_cls(layers.ResBlock, levers.pop('remat', False))
+    cls = layers.block_cls(layers.ResBlock, levers.pop('remat', False))
     return cls(24, num_groups=4, dtype=levers.pop('dtype', jnp.float32), conv_grad=conv_grad,
                group_norm=group_norm)
-  cls = block_cls(layers.AttentionBlock, levers.pop('remat', False))
+  cls = layers.block_cls(layers.AttentionBlock, levers.pop('remat', False))
   return cls(num_heads=2, attention=levers.pop('attention', 'xla'), dtype=levers.pop('dtype', jnp.float32))
 
 
@@ -109,7 +115,7 @@ def test_each_lever_keeps_a_block(kind, levers, tol):
   plain = _block(kind)
   shapes = jax.eval_shape(plain.init, jax.random.key(0), *inputs)
   # Random non-zero parameters everywhere (a fresh block's zero output layers would hide the branch).
-  params = bm.random_params(shapes, seed=3)
+  params = fixtures.random_params(shapes, seed=3)
   lever = _block(kind, **levers)
   assert jax.eval_shape(lever.init, jax.random.key(0), *inputs) == shapes
   y0, g0 = _block_output_and_grads(plain, params, *inputs)
@@ -140,7 +146,7 @@ def test_matmul_grad_conv_matches_numpy(kernel):
   x = rng.standard_normal((2, 6, 5, 4))
   w = rng.standard_normal((kernel, kernel, 4, 3))
   dy = rng.standard_normal((2, 6, 5, 3))
-  y, vjp = jax.vjp(layers.same_conv_matmul_grad, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+  y, vjp = jax.vjp(conv_ops.same_conv_matmul_grad, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
   dx, dw = vjp(jnp.asarray(dy, jnp.float32))
   np.testing.assert_allclose(y, _numpy_same_conv(x, w), rtol=1e-5, atol=1e-5)
   # d<dy, conv(x, w)>/dw[i, j] = sum over pixels of shifted x times dy; d/dx by the adjoint identity.
@@ -155,13 +161,13 @@ def test_matmul_grad_conv_matches_numpy(kernel):
 def test_matmul_grad_conv_falls_back_outside_its_case():
   x = jnp.ones((1, 6, 6, 2))
   w = jnp.ones((3, 3, 2, 2))
-  impl = layers.conv_impl('matmul')['conv_general_dilated']
+  impl = conv_ops.conv_impl('matmul')['conv_general_dilated']
   dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
   strided = impl(x, w, (2, 2), [(1, 1), (1, 1)], dimension_numbers=dn)
   np.testing.assert_allclose(strided, jax.lax.conv_general_dilated(x, w, (2, 2), [(1, 1), (1, 1)],
                                                                    dimension_numbers=dn))
   with pytest.raises(ValueError, match='conv_grad'):
-    layers.conv_impl('cudnn')
+    conv_ops.conv_impl('cudnn')
 
 
 def _numpy_attention(q, k, v):
@@ -175,27 +181,27 @@ def _numpy_attention(q, k, v):
 def test_attention_matches_numpy(impl):
   rng = np.random.default_rng(1)
   q, k, v = (rng.standard_normal((2, 16, 2, 8)) for _ in range(3))
-  out = layers.dot_product_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), impl)
+  out = attention_ops.dot_product_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), impl)
   np.testing.assert_allclose(out, _numpy_attention(q, k, v), rtol=1e-5, atol=1e-5)
-  out16 = layers.dot_product_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)), impl)
+  out16 = attention_ops.dot_product_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)), impl)
   np.testing.assert_allclose(np.asarray(out16, np.float32), _numpy_attention(q, k, v), rtol=0, atol=5e-2)
 
 
 def test_fused_attention_picks_cudnn_only_where_it_exists(monkeypatch):
-  assert layers.fused_attention_backend(jnp.bfloat16, 64) is None   # this machine is a CPU
+  assert attention_ops.fused_attention_backend(jnp.bfloat16, 64) is None   # this machine is a CPU
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert layers.fused_attention_backend(jnp.bfloat16, 64) == 'cudnn'
-  assert layers.fused_attention_backend(jnp.float16, 128) == 'cudnn'
-  assert layers.fused_attention_backend(jnp.float32, 64) is None    # cuDNN's kernel is 16-bit only
-  assert layers.fused_attention_backend(jnp.bfloat16, 160) is None  # head_dim over its limit
-  assert layers.fused_attention_backend(jnp.bfloat16, 36) is None   # not a multiple of 8
+  assert attention_ops.fused_attention_backend(jnp.bfloat16, 64) == 'cudnn'
+  assert attention_ops.fused_attention_backend(jnp.float16, 128) == 'cudnn'
+  assert attention_ops.fused_attention_backend(jnp.float32, 64) is None    # cuDNN's kernel is 16-bit only
+  assert attention_ops.fused_attention_backend(jnp.bfloat16, 160) is None  # head_dim over its limit
+  assert attention_ops.fused_attention_backend(jnp.bfloat16, 36) is None   # not a multiple of 8
 
 
 def test_prefetch_feeds_the_same_batches_in_order():
   """data.prefetch changes when batches reach the device, never which batch a step gets."""
   host = [{'a': np.full((2, 3), i, np.uint8)} for i in range(3)]
   for depth in (0, 2):
-    feeder = bm._Feeder(host, depth)
+    feeder = fixtures.Feeder(host, depth)
     try:
       got = [int(np.asarray(feeder.next()['a'])[0, 0]) for _ in range(5)]
     finally:
@@ -209,8 +215,6 @@ def test_prefetch_feeds_the_same_batches_in_order():
 def test_generator_is_nhwc_throughout(group_norm):
   """NHWC end to end: XLA inserts no layout transposes around the convolutions and norms of the
   compiled forward pass; the only transposes are attention's heads-first products at low resolution."""
-  import re  # pylint: disable=g-import-not-at-top
-  from idenc_jax import models  # pylint: disable=g-import-not-at-top
   config = tiny(**{'model.group_norm': group_norm})
   gen = models.build_generator(config)
   x, t, z = jnp.zeros((4, 16, 16, 3)), jnp.zeros((4,), jnp.int32), jnp.zeros((4, config.model.embed_dim))
@@ -227,7 +231,7 @@ def test_matmul_grad_lever_reaches_every_convolution():
   gradient (3 here: conv_0, conv_1 and the 1x1 skip), not silently back to lax."""
   inputs = _block_inputs('res')
   block = _block('res', conv_grad='matmul')
-  params = bm.random_params(jax.eval_shape(block.init, jax.random.key(0), *inputs))
+  params = fixtures.random_params(jax.eval_shape(block.init, jax.random.key(0), *inputs))
   jaxpr = str(jax.make_jaxpr(lambda p: block.apply(p, *inputs))(params))
   assert jaxpr.count('custom_vjp_call') == 3, jaxpr.count('custom_vjp_call')
   assert 'custom_vjp_call' not in str(jax.make_jaxpr(lambda p: _block('res').apply(p, *inputs))(params))
@@ -256,10 +260,10 @@ def _norm_inputs(seed=0, shape=(2, 3, 2, 6), groups=3):
 def test_fused_group_norm_matches_numpy():
   args, groups = _norm_inputs(shape=(3, 5, 4, 12), groups=4)
   want = _numpy_norm_silu(*args, groups)
-  got = layers.fused_group_norm_silu(*[jnp.asarray(a, jnp.float32) for a in args], groups)
+  got = norm_ops.fused_group_norm_silu(*[jnp.asarray(a, jnp.float32) for a in args], groups)
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=2e-6, rtol=1e-5)
-  got16 = layers.fused_group_norm_silu(jnp.asarray(args[0], jnp.bfloat16),
+  got16 = norm_ops.fused_group_norm_silu(jnp.asarray(args[0], jnp.bfloat16),
                                        *[jnp.asarray(a, jnp.float32) for a in args[1:]], groups)
   assert got16.dtype == jnp.bfloat16   # the compute dtype in, the compute dtype out
   np.testing.assert_allclose(np.asarray(got16, np.float64), want, atol=5e-2, rtol=2e-2)
@@ -270,7 +274,7 @@ def test_fused_group_norm_gradient_matches_finite_differences():
   args, groups = _norm_inputs(seed=1)
   cotangent = np.random.default_rng(2).standard_normal(args[0].shape)
   objective = lambda *a: float(np.sum(_numpy_norm_silu(*a, groups) * cotangent))
-  grads = jax.grad(lambda *a: jnp.sum(layers.fused_group_norm_silu(*a, groups) * cotangent),
+  grads = jax.grad(lambda *a: jnp.sum(norm_ops.fused_group_norm_silu(*a, groups) * cotangent),
                    argnums=(0, 1, 2, 3, 4))(*[jnp.asarray(a, jnp.float32) for a in args])
   eps = 1e-6
   for index, (arg, grad) in enumerate(zip(args, grads)):
@@ -287,6 +291,6 @@ def test_fused_group_norm_gradient_matches_finite_differences():
 
 def test_fused_group_norm_rejects_bad_groups_and_names():
   with pytest.raises(ValueError, match='groups'):
-    layers.FusedGroupNormSiLU(5).init(jax.random.key(0), jnp.zeros((1, 2, 2, 12)))
+    norm_ops.FusedGroupNormSiLU(5).init(jax.random.key(0), jnp.zeros((1, 2, 2, 12)))
   with pytest.raises(ValueError, match='group_norm'):
-    layers.norm_silu('apex', 4, jnp.float32, 'norm')
+    norm_ops.norm_silu('apex', 4, jnp.float32, 'norm')

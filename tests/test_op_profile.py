@@ -3,7 +3,9 @@ hand-computed answers, and end to end on a real XLA:CPU trace of a function of k
 
 import json
 import os
+import sys
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,9 +157,14 @@ def test_profile_of_a_real_cpu_step(tmp_path):
   assert not any(name.endswith('.xplane.pb') for _, _, files in os.walk(tmp_path) for name in files)
 
 
-def test_cli_profiles_train_and_sampling_steps(tmp_path, capsys):
-  result = op.main(['--config=configs/base.py:tiny,stage0', '--variant=gnfused', '--steps=1',
-                    '--sample_batch=2', f'--out={tmp_path}', '--fast_compile', '--top=5'])
+def test_cli_profiles_train_and_sampling_steps(tmp_path, capsys, monkeypatch):
+  argv = ['op_profile', '--config=configs/base.py:tiny,stage0', '--variant=gnfused', '--steps=1',
+          '--sample_batch=2', f'--out={tmp_path}', '--fast_compile', '--top=5']
+  monkeypatch.setattr(sys, 'argv', argv)   # where ml_collections looks for --config.* overrides
+  flag_values = flags.FlagValues()
+  op.define_flags(flag_values)
+  flag_values(argv)
+  result = op.run_from_flags(flag_values)
   out = capsys.readouterr().out
   assert 'train step: operations' in out and 'sampling step at batch 2' in out
   assert json.loads(out.strip().splitlines()[-1]).keys() == {'train', 'sample'}

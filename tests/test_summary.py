@@ -135,11 +135,12 @@ def test_cli_prints_one_json_object_without_tensorflow():
   assert not [m for m in imported if m == 'tensorflow' or m.startswith('tensorflow.')]
 
 
-def test_config_flag_is_locked_and_takes_overrides():
+def test_config_flag_is_locked_and_takes_overrides(monkeypatch):
   for override in ('mlp_ratio', 'mlp_ration'):
     argv = [__file__, f'--config={REPO}/configs/base.py:tiny', f'--config.model.{override}=0']
+    monkeypatch.setattr(sys, 'argv', argv)   # where ml_collections looks for --config.* overrides
     fv = flags.FlagValues()
-    summary.define_flags(fv, argv)
+    summary.define_flags(fv)
     if override == 'mlp_ratio':
       fv(argv)
       assert fv.config.model.mlp_ratio == 0 and fv.config.model.resolution == 16

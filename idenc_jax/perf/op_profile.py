@@ -20,7 +20,6 @@ counted, so no kernel is counted twice.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import glob
@@ -30,7 +29,14 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
+
+from absl import app, flags
+import jax
+
+from idenc_jax import cli
+from idenc_jax.perf import fixtures, levers, measure
+from idenc_jax.train import step as step_lib
 
 CATEGORIES = ('convolution', 'matmul', 'attention (fused)', 'elementwise', 'reduction', 'copy/transpose',
               'communication', 'other')
@@ -260,7 +266,6 @@ def format_summary(s: dict, title: str = '') -> str:
 
 def capture(run: Callable[[], Any], steps: int, trace_dir: str) -> float:
   """Runs `run` (one synchronised step) `steps` times under the profiler; returns their wall seconds."""
-  import jax  # pylint: disable=g-import-not-at-top
   os.makedirs(trace_dir, exist_ok=True)
   with jax.profiler.trace(trace_dir):
     t0 = time.perf_counter()
@@ -284,38 +289,76 @@ def profile_compiled(compiled, run: Callable[[], Any], steps: int, out_dir: str,
   return summary
 
 
-def _parse_args(argv: Iterable[str]):
-  p = argparse.ArgumentParser(prog='python -m idenc_jax.perf.op_profile', description=__doc__.split('\n')[0])
-  p.add_argument('--config', default='configs/base.py:cpu', help='path[:variant]')
-  p.add_argument('--variant', default='', help="levers as in the benchmark, e.g. 'bf16+fused'")
-  p.add_argument('--steps', type=int, default=3, help='profiled steps (after 2 warm-up steps)')
-  p.add_argument('--sample_batch', type=int, default=0, help='also profile the sampling step at this batch')
-  p.add_argument('--out', default='/tmp/idenc_op_profile', help='directory for the traces and summaries')
-  p.add_argument('--top', type=int, default=20, help='operations listed')
-  p.add_argument('--fast_compile', action='store_true',
-                 help='compile the train step at LLVM -O0 (a smoke test: the profile is then not representative)')
-  from idenc_jax.perf import benchmark  # pylint: disable=g-import-not-at-top
-  return benchmark.parse_known_with_overrides(p, argv)
+def profile_call(compiled, args: tuple, steps: int, out_dir: str, name: str, top: int = 20) -> dict:
+  """`profile_compiled` of synchronised calls `compiled(*args)`, after two untraced ones (so that the
+  trace holds the steady state only)."""
+  run = lambda: jax.block_until_ready(compiled(*args))
+  run()
+  run()
+  return profile_compiled(compiled, run, steps, out_dir, name, top=top)
 
 
-def main(argv=None) -> dict:
-  from idenc_jax.perf import benchmark  # pylint: disable=g-import-not-at-top
-  args, overrides = _parse_args(sys.argv[1:] if argv is None else argv)
-  config = benchmark.load_config(args.config, {**overrides, **benchmark.variant_overrides(args.variant)})
-  os.makedirs(args.out, exist_ok=True)
-  bench = benchmark.TrainBench(config, log=lambda s: print(f'[op_profile] {s}', file=sys.stderr),
-                               compiler_options=benchmark.FAST_COMPILE if args.fast_compile else None)
-  result = {'train': benchmark.profile_train(bench, args.out, args.steps, top=args.top)}
-  print(format_summary(result['train'], 'train step'))
-  if args.sample_batch:
-    bench.compile_sample(args.sample_batch)
-    result['sample'] = benchmark.profile_sample(bench.sample, args.out, args.steps, top=args.top)
-    print(format_summary(result['sample'], f'sampling step at batch {args.sample_batch}'))
-  bench.feeder.close()
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command line's flags; defined at start-up, not at import, since the other entry points define
+  flags of the same names (--config, --steps) and may be imported into the same process."""
+  cli.define_config_flag(default='configs/base.py:cpu', required=False, flag_values=flag_values)
+  flags.DEFINE_string('variant', '', "levers as in the benchmark, e.g. 'bf16+fused'", flag_values=flag_values)
+  flags.DEFINE_integer('steps', 3, 'profiled steps (after 2 warm-up steps)', flag_values=flag_values)
+  flags.DEFINE_integer('sample_batch', 0, 'also profile the sampling step at this batch',
+                       flag_values=flag_values)
+  flags.DEFINE_string('out', '/tmp/idenc_op_profile', 'directory for the traces and summaries',
+                      flag_values=flag_values)
+  flags.DEFINE_integer('top', 20, 'operations listed', flag_values=flag_values)
+  flags.DEFINE_bool('fast_compile', False, 'compile the train step at LLVM -O0 (a smoke test: the profile '
+                    'is then not representative)', flag_values=flag_values)
+
+
+def run_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
+  """Profiles the train step of --config with --variant (and a sampling step with --sample_batch);
+  returns {'train': summary, 'sample': summary}."""
+  f = flag_values
+  try:
+    config = levers.variant_config(f.config, f.variant)
+  except ValueError as e:
+    sys.exit(f'FATAL {e}')
+  os.makedirs(f.out, exist_ok=True)
+  # As the benchmark: random parameters, a donated state, synthetic batches fed ahead as the trainer's.
+  state, optimizer = fixtures.build_state(config)
+  host_batches = [fixtures.synthetic_batch(config, seed) for seed in range(3)]
+  compiled = jax.jit(step_lib.make_train_step(config, optimizer), donate_argnums=(0,)).lower(
+      state, jax.device_put(host_batches[0])).compile(measure.FAST_COMPILE if f.fast_compile else None)
+  print('[op_profile] train step compiled', file=sys.stderr)
+  feeder = fixtures.Feeder(host_batches, int(config.data.prefetch))
+  current = {'state': state}
+
+  def train_step():
+    current['state'], _ = compiled(current['state'], feeder.next())
+    jax.block_until_ready(current['state'])
+
+  try:
+    train_step()
+    train_step()
+    result = {'train': profile_compiled(compiled, train_step, f.steps, f.out, 'train_profile', top=f.top)}
+    print(format_summary(result['train'], 'train step'))
+    if f.sample_batch:
+      # A copy: the next train step would donate, and so delete, the state's own buffers.
+      params = jax.tree.map(lambda a: a.copy(), current['state'].params['generator'])
+      sample, args, _ = fixtures.compile_sample_step(config, params, f.sample_batch)
+      result['sample'] = profile_call(sample, args, f.steps, f.out, 'sample_profile', top=f.top)
+      print(format_summary(result['sample'], f'sampling step at batch {f.sample_batch}'))
+  finally:
+    feeder.close()
   print(json.dumps({k: {kk: v[kk] for kk in ('op_ms_per_step', 'wall_ms_per_step', 'by_category_ms')}
                     for k, v in result.items()}))
   return result
 
 
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  run_from_flags()   # app.run exits with what main returns: None, not the summaries
+
+
 if __name__ == '__main__':
-  main()
+  define_flags()
+  cli.run(main)

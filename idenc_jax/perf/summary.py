@@ -21,10 +21,10 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ml_collections import config_flags
 
-from idenc_jax.perf import flops
+from idenc_jax import cli
 from idenc_jax import models
+from idenc_jax.perf import flops
 
 # Published sizes for the paper's setup (SPEC.md): DiffAE block structure at 128x128.
 REFERENCE = {
@@ -100,25 +100,18 @@ def summarize(config, *, batch: int = 1) -> dict:
   return out
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
-                 sys_argv: list[str] | None = None) -> None:
-  """The CLI's flags; called at start-up, not at import, since `idenc_jax.main` defines --config.
-
-  sys_argv: the command line whose --config.* overrides to accept (default sys.argv).
-  """
-  config_flags.DEFINE_config_file('config', None, 'Config file (configs/base.py[:variant]).',
-                                  flag_values=flag_values, lock_config=True, sys_argv=sys_argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command line's flags; defined at start-up, not at import, since `idenc_jax.main` and the other
+  entry points define --config too and may be imported into the same process."""
+  cli.define_config_flag(flag_values=flag_values)
 
 
-def main(argv):
+def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = flags.FLAGS.config
-  if config is None:
-    raise app.UsageError('--config is required, e.g. --config=configs/base.py:cpu')
-  print(json.dumps(summarize(config), indent=2))
+  print(json.dumps(summarize(flags.FLAGS.config), indent=2))
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)
