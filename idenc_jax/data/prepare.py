@@ -10,7 +10,7 @@ identities (rounded, at least one when the fraction is positive and two or more 
 chosen by a seeded permutation of the sorted names.
 
 Examples:
-  python -m idenc_jax.data.prepare --input=/work/shared/data/celeba_id128 --layout=folders --resolution=64 \
+  python -m idenc_jax.data.prepare --input=../shared/data/celeba_id128 --layout=folders --resolution=64 \
       --output=/data/celeba_id64          # keeps the train/ and test/ split folders
   python -m idenc_jax.data.prepare --input=/data/CelebA --layout=celeba --resolution=128 --align \
       --output=/data/celeba128

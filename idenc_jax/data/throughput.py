@@ -2,7 +2,7 @@
 
 Builds the training iterator (both half-batches, decoding, flips) over a prepared dataset or the synthetic
 identities, skips a warm-up (worker start-up), then times batches. Example:
-  python -m idenc_jax.data.prepare --input=/work/shared/data/celeba_id128 --resolution=128 \
+  python -m idenc_jax.data.prepare --input=../shared/data/celeba_id128 --resolution=128 \
       --output=/tmp/cid128
   python -m idenc_jax.data.throughput --data=/tmp/cid128 --workers=0,1,2
 """
