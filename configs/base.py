@@ -81,6 +81,8 @@ def _paper_config() -> config_dict.ConfigDict:
   # alpha_bar(T - 1) ~ 2e-9 amplifies an undertrained model's first x0 estimate into a colour cast;
   # starting lower trades that for treating x_T as slightly too noisy (idenc_jax/diffusion/samplers.py).
   d.sample_start_t = -1
+  # What the generator predicts: 'eps' (the paper), 'v' or 'x0' (idenc_jax/diffusion/objectives.py).
+  d.prediction = 'eps'
 
   # ---- Loss: L = L_diff(id) + id_weight * L_id + agnostic_weight * L_diff(agnostic). --------------------
   c.loss = l = config_dict.ConfigDict()
@@ -96,6 +98,13 @@ def _paper_config() -> config_dict.ConfigDict:
   l.curriculum_start = 1.0
   l.curriculum_end = 0.05
   l.curriculum_steps = 100_000
+  # Classifier-free identity guidance: the share of images (both halves) trained without identity (the
+  # unconditional path, z dropped), so samplers can guide with sample.guidance / eval.guidance. 0: the paper.
+  l.null_identity_prob = 0.0
+  # Timestep weighting of the diffusion loss: 'none' (the paper) or 'min_snr' (Hang et al. 2023,
+  # min(SNR, gamma) in x0 terms; idenc_jax/diffusion/objectives.py).
+  l.weighting = 'none'
+  l.min_snr_gamma = 5.0
 
   # ---- Data. -----------------------------------------------------------------------------------------------
   c.data = dt = config_dict.ConfigDict()
@@ -131,6 +140,7 @@ def _paper_config() -> config_dict.ConfigDict:
   t.log_every = 100
   t.checkpoint_every = 10_000
   t.keep_checkpoints = 3
+  t.time_budget_minutes = 0.0   # > 0: stop (with a checkpoint) after this much wall time; 0: train.num_steps
   t.sample_every = 20_000
   t.sample_identities = 4      # held-out identities in the periodic sample grid
   t.sample_steps = 50          # DDIM steps for the periodic grid
@@ -158,6 +168,8 @@ def _paper_config() -> config_dict.ConfigDict:
   s.mask = config_dict.placeholder(str)
   s.condition_is_clean = False # `condition` is a clean RxR image: degrade it on the fly (mask drawn by seed)
   s.consistent = False         # data consistency inside the sampler (idenc_jax/diffusion/consistency.py)
+  # Identity guidance weight w (idenc_jax/diffusion/guidance.py): 1 none; > 1 needs loss.null_identity_prob > 0.
+  s.guidance = 1.0
 
   # ---- Evaluation (--mode=eval). ------------------------------------------------------------------------------
   c.eval = ev = config_dict.ConfigDict()
@@ -169,6 +181,9 @@ def _paper_config() -> config_dict.ConfigDict:
   ev.inception_weights = config_dict.placeholder(str)   # pytorch-fid weight file; FID skipped without it
   ev.num_identities = 0        # test identities evaluated (0: all with more than R images)
   ev.sweep = ''                # extra 'sampler:steps,...' runs for quality vs steps, e.g. 'ddim:10,dpmpp:10'
+  ev.guidance = 1.0            # identity guidance weight of the evaluation and the training sample grids
+  ev.guidance_sweep = ''       # extra guidance weights evaluated, e.g. '1,2,3,5': identity vs diversity
+  ev.reference_sweep = ''      # reference counts R evaluated (paper Fig. 7), e.g. '1,2,4,8'
 
   # ---- Fine-tuning baseline (idenc_jax.personalize.finetune): DreamBooth-like, per identity. ------------
   c.finetune = ft = config_dict.ConfigDict()

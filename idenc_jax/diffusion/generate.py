@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from idenc_jax.models.encoder import aggregate_embeddings
-from idenc_jax.diffusion import consistency, samplers, schedules
+from idenc_jax.diffusion import consistency, guidance as guidance_lib, objectives, samplers, schedules
 
 
 def embed_references(encoder, encoder_params, references: jax.Array) -> jax.Array:
@@ -16,19 +16,33 @@ def embed_references(encoder, encoder_params, references: jax.Array) -> jax.Arra
 def generate(generator, generator_params, schedule: schedules.NoiseSchedule, z: jax.Array | None,
              rng: jax.Array, *, num: int, sampler: str = 'ddim', num_steps: int = 50, eta: float = 0.0,
              start_t: int | None = None, context: jax.Array | None = None, clip: bool = True,
-             condition: jax.Array | None = None, project: consistency.Projector | None = None) -> jax.Array:
+             condition: jax.Array | None = None, project: consistency.Projector | None = None,
+             guidance: float = 1.0, prediction: str = 'eps') -> jax.Array:
   """num images of one identity: z [D] (or None for the unconditional generator) -> [num, R, R, 3].
 
   start_t: the sampler's first timestep (None: T - 1; see `samplers`, `config.diffusion.sample_start_t`).
   context: stage-2 condition tokens [L, C]. project, condition: data consistency (`diffusion.consistency`),
   every denoised estimate replaced by project(x0_hat, condition), condition [R, R, C] the degraded input.
+  guidance: identity guidance weight w (`diffusion.guidance`; 1: none), applied before the projection; the
+  condition tokens stay in both branches, only z is dropped. prediction: what the generator outputs
+  (`diffusion.objectives`; config.diffusion.prediction), converted to the noise the samplers use.
   """
   r = generator.resolution
   rng_x, rng_s = jax.random.split(rng)
   x_T = jax.random.normal(rng_x, (num, r, r, 3), jnp.float32)
-  z_b = None if z is None else jnp.broadcast_to(z, (num,) + z.shape[-1:])
-  ctx = None if context is None else jnp.broadcast_to(context, (num,) + context.shape[-2:])
-  eps_fn = lambda x, t: generator.apply({'params': generator_params}, x, t, z_b, ctx)
+  if z is None and guidance_lib.check_guidance(guidance) != 1.0:
+    raise ValueError('Identity guidance needs an identity embedding; the unconditional generator takes '
+                     f'guidance 1, got {guidance}.')
+
+  def model_fn(x, t, null):
+    # x holds num images, or 2 * num when guidance doubles the batch: z and context follow its size.
+    b = x.shape[0]
+    z_b = None if z is None else jnp.broadcast_to(z, (b,) + z.shape[-1:])
+    ctx = None if context is None else jnp.broadcast_to(context, (b,) + context.shape[-2:])
+    out = generator.apply({'params': generator_params}, x, t, z_b, ctx, null_identity=null)
+    return objectives.eps_from_output(schedule, x, t, out, prediction)
+
+  eps_fn = guidance_lib.guided_eps_fn(model_fn, guidance)
   if project is not None:
     if condition is None:
       raise ValueError('Data consistency needs the degraded input (condition).')
@@ -39,7 +53,8 @@ def generate(generator, generator_params, schedule: schedules.NoiseSchedule, z: 
 
 
 def make_identity_sampler(generator, encoder, schedule, *, num: int, sampler: str, num_steps: int,
-                          eta: float = 0.0, start_t: int | None = None):
+                          eta: float = 0.0, start_t: int | None = None, guidance: float = 1.0,
+                          prediction: str = 'eps'):
   """A jitted fn(gen_params, enc_params, references [I, R, ...], rng) -> samples [I, num, ...].
 
   vmapped over identities, so a whole grid is one compiled call.
@@ -47,7 +62,8 @@ def make_identity_sampler(generator, encoder, schedule, *, num: int, sampler: st
   def one(gen_params, enc_params, refs, rng):
     z = embed_references(encoder, enc_params, refs)
     return generate(generator, gen_params, schedule, z, rng, num=num, sampler=sampler,
-                    num_steps=num_steps, eta=eta, start_t=start_t)
+                    num_steps=num_steps, eta=eta, start_t=start_t, guidance=guidance,
+                    prediction=prediction)
 
   def fn(gen_params, enc_params, references, rng):
     rngs = jax.random.split(rng, references.shape[0])

@@ -63,7 +63,8 @@ class ResBlock(nn.Module):
   out = skip(x) + conv(drop(silu(AdaGN(conv(silu(norm(x)))))))
   with AdaGN(h) = (norm(h) * (1 + s_t) + b_t) * (1 + s_z): scale/shift from the timestep embedding,
   then a multiplicative scale from the identity embedding z. `emb=None` (the encoders) drops the
-  timestep terms, `cond=None` (unconditional generator) drops the z term. `resample` in
+  timestep terms, `cond=None` (unconditional generator) drops the z term, and `cond_keep` [B] (1 keep, 0
+  drop) drops it per sample: a dropped sample computes exactly what `cond=None` would. `resample` in
   {'none', 'down', 'up'} makes this the resampling block of a level (average pool / nearest up).
   The last conv starts at zero, so a fresh block is the identity on its skip path.
   """
@@ -77,7 +78,7 @@ class ResBlock(nn.Module):
   group_norm: str = 'flax'     # see `norm_silu`
 
   @nn.compact
-  def __call__(self, x, emb=None, cond=None):
+  def __call__(self, x, emb=None, cond=None, cond_keep=None):
     c_out = self.out_channels
     h = norm_silu(self.group_norm, self.num_groups, self.dtype, 'norm_0')(x)
     h = _resample(h, self.resample)
@@ -90,6 +91,9 @@ class ResBlock(nn.Module):
       scale, shift = jnp.split(scale_shift, 2, axis=-1)
     if cond is not None:
       cond_scale = nn.Dense(c_out, dtype=self.dtype, name='cond_proj')(nn.silu(cond))
+      if cond_keep is not None:
+        # x * 1 and x * 0 are exact, so kept samples are unchanged and dropped ones get 1 + 0 = 1.
+        cond_scale = cond_scale * cond_keep.astype(cond_scale.dtype)[:, None]
     if self.group_norm == 'fused':
       # The same modulation folded into one per-sample channel multiply-add: h * mult + add.
       mult = add = None

@@ -5,7 +5,9 @@ Structure (paper appendix A): a conv stem; per resolution level `num_res_blocks`
 residual block; a middle of residual, attention, residual; a mirrored decoder whose levels have
 `num_res_blocks + 1` blocks, each taking one skip connection; a norm, SiLU and zero-initialised conv
 to the noise prediction. Every residual block sees the timestep embedding (scale/shift) and, unless
-z is None (stage-0 unconditional pre-training), a multiplicative scale from z.
+z is None (stage-0 unconditional pre-training), a multiplicative scale from z. `null_identity` [B] (bool)
+drops z per sample, the same function as z=None for those samples: the unconditional branch that identity
+guidance (`diffusion.guidance`) contrasts with the conditional one in a single batched call.
 
 Stage 2 adds cross-attention blocks at `cross_attn_resolutions` (after each block of those levels)
 through which the features attend to condition tokens; their outputs start at zero.
@@ -39,8 +41,9 @@ class UNet(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, t, z=None, context=None, *, train: bool = False):
-    """x: [B,R,R,C] noisy images, t: int [B] timesteps, z: [B, embed_dim] or None, context: [B,L,D]."""
+  def __call__(self, x, t, z=None, context=None, *, train: bool = False, null_identity=None):
+    """x: [B,R,R,C] noisy images, t: int [B] timesteps, z: [B, embed_dim] or None, context: [B,L,D],
+    null_identity: [B] bool (True: that sample unconditional) or None."""
     b, r, _, _ = x.shape
     if r != self.resolution or x.shape[2] != self.resolution:
       raise ValueError(f'UNet expects {self.resolution}x{self.resolution} inputs, got {x.shape}')
@@ -48,6 +51,9 @@ class UNet(nn.Module):
       raise ValueError(f'timesteps must have shape ({b},), got {t.shape}')
     if z is not None and z.shape != (b, self.embed_dim):
       raise ValueError(f'identity embedding must have shape ({b}, {self.embed_dim}), got {z.shape}')
+    if null_identity is not None and (z is None or null_identity.shape != (b,)):
+      raise ValueError(f'null_identity must have shape ({b},) and go with an embedding z, '
+                       f'got {getattr(null_identity, "shape", None)} with z {"None" if z is None else "given"}')
     if self.cross_attn_resolutions and context is None:
       raise ValueError('this generator has cross-attention layers and needs condition tokens')
 
@@ -56,12 +62,13 @@ class UNet(nn.Module):
     Attn = layers.block_cls(layers.AttentionBlock, self.remat)
     emb = layers.TimeEmbedding(self.base_channels, 4 * self.base_channels, dt, name='time_embed')(t)
     cond = None if z is None else z.astype(dt)
+    cond_keep = None if null_identity is None else 1.0 - null_identity.astype(dt)
 
     det = not train
 
     def res(h, ch, name, resample='none'):
       return Res(ch, self.num_groups, self.dropout, resample, dt, det, conv_grad=self.conv_grad,
-                 group_norm=self.group_norm, name=name)(h, emb, cond)
+                 group_norm=self.group_norm, name=name)(h, emb, cond, cond_keep)
 
     def attn(h, name, ctx=None):
       return Attn(self.num_heads, self.mlp_ratio, self.dropout, self.attention, dt, det, name=name)(h, ctx)

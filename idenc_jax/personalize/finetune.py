@@ -34,14 +34,14 @@ def _flip(rng: jax.Array, x: jax.Array) -> jax.Array:
   return jnp.where(flip, x[:, :, ::-1], x)
 
 
-def reference_loss(generator, schedule: schedules.NoiseSchedule, gen_params, z: jax.Array, refs: jax.Array,
-                   t: jax.Array, noise: jax.Array) -> jax.Array:
-  """Mean diffusion loss of references refs [R, H, W, 3] in [-1, 1] at given timesteps t [N*R] and noise
-  [N*R, H, W, 3] (N draws per reference), conditioned on z [D]."""
+def reference_loss(config, generator, schedule: schedules.NoiseSchedule, gen_params, z: jax.Array,
+                   refs: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+  """Mean diffusion loss (the training run's target and weighting) of references refs [R, H, W, 3] in
+  [-1, 1] at given timesteps t [N*R] and noise [N*R, H, W, 3] (N draws per reference), conditioned on z [D]."""
   x0 = jnp.tile(refs, (t.shape[0] // refs.shape[0], 1, 1, 1))
   x_t = schedules.q_sample(schedule, x0, t, noise)
-  eps = generator.apply({'params': gen_params}, x_t, t, jnp.broadcast_to(z, (x0.shape[0],) + z.shape))
-  return losses.diffusion_loss(eps, noise).mean()
+  out = generator.apply({'params': gen_params}, x_t, t, jnp.broadcast_to(z, (x0.shape[0],) + z.shape))
+  return losses.weighted_diffusion_loss(config, schedule, out, x0, noise, t).mean()
 
 
 _FINETUNERS: dict[str, Any] = {}
@@ -57,7 +57,7 @@ def make_finetuner(config, *, steps: int | None = None):
   steps = ft.steps if steps is None else steps
   if steps < 1:
     raise ValueError(f'config.finetune.steps must be >= 1, got {steps}.')
-  key = config.model.to_json() + config.diffusion.to_json() + ft.to_json() + str(steps)
+  key = config.model.to_json() + config.diffusion.to_json() + config.loss.to_json() + ft.to_json() + str(steps)
   if key not in _FINETUNERS:
     _FINETUNERS[key] = _build_finetuner(config, steps)
   return _FINETUNERS[key]
@@ -76,7 +76,7 @@ def _build_finetuner(config, steps: int):
     x0 = _flip(r_f, refs)
     t = jax.random.randint(r_t, (refs.shape[0],), 0, schedule.timesteps)
     noise = jax.random.normal(r_n, refs.shape, jnp.float32)
-    return reference_loss(generator, schedule, params['generator'], params['z'], x0, t, noise)
+    return reference_loss(config, generator, schedule, params['generator'], params['z'], x0, t, noise)
 
   def run(gen_params, refs, rng):
     params = {'generator': gen_params, 'z': jnp.zeros((config.model.embed_dim,), jnp.float32)}

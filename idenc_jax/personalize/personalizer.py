@@ -5,6 +5,7 @@ Python API:
   p = Personalizer.from_workdir(config, workdir)        # EMA parameters of the latest checkpoint
   z = p.embed(['a.jpg', 'b.png'])                       # or uint8 arrays / PIL images / a folder path
   images = p.generate(z, 8, sampler='dpmpp', steps=25, seed=0)   # uint8 [8, R, R, 3]
+  images = p.generate(z, 8, guidance=3.0)               # identity guidance (`diffusion.guidance`)
   references.save_embedding('me.npy', z); z = references.load_embedding('me.npy', config.model.embed_dim)
 
 `embed` takes any number >= 1 of references of any size, colour or grey (`references.load_references`, aligned
@@ -28,7 +29,7 @@ import numpy as np
 from idenc_jax import models
 from idenc_jax.data import align as align_lib
 from idenc_jax.data import images as images_lib
-from idenc_jax.diffusion import consistency, samplers, schedules
+from idenc_jax.diffusion import consistency, guidance as guidance_lib, samplers, schedules
 from idenc_jax.diffusion import generate as generate_lib
 from idenc_jax.personalize.references import ImageLike, load_references
 from idenc_jax.train import checkpoint as ckpt_lib
@@ -125,15 +126,17 @@ class Personalizer:
 
   # ---- Embedding -> images. ----
   def _generate_fn(self, num: int, sampler: str, steps: int | None, eta: float, with_context: bool,
-                   project: consistency.Projector | None = None):
-    key = (self._key, 'generate', num, sampler, steps, float(eta), self.start_t, with_context, project)
+                   project: consistency.Projector | None, guidance: float):
+    key = (self._key, 'generate', num, sampler, steps, float(eta), self.start_t, with_context, project, guidance)
     if key not in _COMPILED:
       generator, schedule, start_t = self.generator, self.schedule, self.start_t
+      prediction = self.config.diffusion.prediction
 
       def one(gen_params, z, rng, context, condition):
         return generate_lib.generate(generator, gen_params, schedule, z, rng, num=num, sampler=sampler,
-                                 num_steps=steps, eta=eta, start_t=start_t, context=context,
-                                 condition=condition, project=project)
+                                     num_steps=steps, eta=eta, start_t=start_t, context=context,
+                                     condition=condition, project=project, guidance=guidance,
+                                     prediction=prediction)
       # vmapped over identities: one compiled call generates for a batch of embeddings.
       _COMPILED[key] = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0 if with_context else None,
                                                       0 if project is not None else None)))
@@ -151,7 +154,7 @@ class Personalizer:
   def generate_batch(self, zs: np.ndarray, num: int, *, sampler: str = 'ddim', steps: int | None = 50,
                      eta: float = 0.0, seeds: Sequence[int] | np.ndarray = None, context: np.ndarray | None = None,
                      generator_params: Any = None, project: consistency.Projector | None = None,
-                     conditions: np.ndarray | None = None) -> np.ndarray:
+                     conditions: np.ndarray | None = None, guidance: float | None = None) -> np.ndarray:
     """`num` images for each of I embeddings zs [I, D] -> uint8 [I, num, res, res, 3].
 
     Identity i uses rng key(seeds[i]) (default seeds 0..I-1), so row i equals `generate(zs[i], seed=seeds[i])`.
@@ -160,8 +163,12 @@ class Personalizer:
     generator_params: other generator parameters (e.g. fine-tuned ones) in place of the checkpoint's.
     project, conditions: data consistency for restoration (`diffusion.consistency`; one projector object per
     compiled sampler, so keep it), with the degraded inputs [I, res, res, C].
+    guidance: identity guidance weight w (`diffusion.guidance`; 1: none; None: config.sample.guidance). It
+    needs a model trained with config.loss.null_identity_prob > 0: without that the unconditional branch is
+    untrained and any w != 1 gives poor images.
     """
     self._check_sampler(sampler, steps, eta)
+    guidance = guidance_lib.check_guidance(self.config.sample.guidance if guidance is None else guidance)
     if (project is None) != (conditions is None):
       raise ValueError('Data consistency needs both a projector and the degraded inputs (conditions).')
     zs = np.asarray(zs, np.float32)
@@ -176,18 +183,20 @@ class Personalizer:
     if seeds.shape != (len(zs),):
       raise ValueError(f'seeds must have one entry per embedding ({len(zs)}), got shape {seeds.shape}.')
     rngs = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-    fn = self._generate_fn(num, sampler, steps, eta, context is not None, project)
+    fn = self._generate_fn(num, sampler, steps, eta, context is not None, project, guidance)
     gen = self.params['generator'] if generator_params is None else generator_params
     out = fn(gen, jnp.asarray(zs), rngs, None if context is None else jnp.asarray(context),
              None if conditions is None else jnp.asarray(conditions, jnp.float32))
     return images_lib.to_uint8(out)
 
   def generate(self, z: np.ndarray, num: int, *, sampler: str = 'ddim', steps: int | None = 50, eta: float = 0.0,
-               seed: int = 0, context: np.ndarray | None = None, generator_params: Any = None) -> np.ndarray:
-    """`num` images of the identity with embedding z [D] -> uint8 [num, res, res, 3]; same seed, same images."""
+               seed: int = 0, context: np.ndarray | None = None, generator_params: Any = None,
+               guidance: float | None = None) -> np.ndarray:
+    """`num` images of the identity with embedding z [D] -> uint8 [num, res, res, 3]; same seed, same images.
+    guidance: as in `generate_batch`."""
     z = np.asarray(z, np.float32)
     if z.shape != (self.embed_dim,):
       raise ValueError(f'Embedding must have shape [{self.embed_dim}], got {z.shape}.')
     ctx = None if context is None else np.asarray(context)[None]
     return self.generate_batch(z[None], num, sampler=sampler, steps=steps, eta=eta, seeds=[seed], context=ctx,
-                               generator_params=generator_params)[0]
+                               generator_params=generator_params, guidance=guidance)[0]

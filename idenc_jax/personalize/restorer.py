@@ -137,10 +137,10 @@ class Restorer:
   # ---- Restoration. ----
   def restore_batch(self, zs: np.ndarray, conditions: np.ndarray, num: int = 1, *, sampler: str = 'ddim',
                     steps: int | None = 50, eta: float = 0.0, seed: int = 0, consistent: bool = False,
-                    max_images_per_call: int = 64) -> np.ndarray:
+                    max_images_per_call: int = 64, guidance: float | None = None) -> np.ndarray:
     """Condition i restored with identity zs[i]: zs [N, D], conditions [N, R, R, C] -> uint8
     [N, num, R, R, 3]. Row i uses seed `seed + i`, whatever the chunking. consistent: data consistency
-    inside the sampler (module docstring)."""
+    inside the sampler (module docstring). guidance: identity guidance weight (None: config.sample.guidance)."""
     zs = np.asarray(zs, np.float32)
     conditions = np.asarray(conditions, np.float32)
     n = len(zs)
@@ -151,7 +151,8 @@ class Restorer:
     def restore_chunk(idx):
       dc = dict(project=self.projector, conditions=conditions[idx]) if consistent else {}
       return self.personalizer.generate_batch(zs[idx], num, sampler=sampler, steps=steps, eta=eta,
-                                              seeds=seed + idx, context=self.tokens(conditions[idx]), **dc)
+                                              seeds=seed + idx, context=self.tokens(conditions[idx]),
+                                              guidance=guidance, **dc)
     return map_in_chunks(restore_chunk, n, chunk)
 
   def restore(self, z: np.ndarray, conditions: np.ndarray, num: int = 1, **kw) -> np.ndarray:

@@ -3,6 +3,11 @@ embeddings, the curriculum, and the total loss of one batch (paper section 3.3, 
 
     L = L_diff(I_id) + a1 * L_id(I_id) + a2 * L_diff(I_g)
 
+L_diff regresses the generator's target (`config.diffusion.prediction`: eps as the paper, v or x0) with the
+timestep weighting of `config.loss.weighting` (`diffusion.objectives`). With `config.loss.null_identity_prob`
+> 0 that share of the images (both halves) is denoised without identity, which trains the unconditional
+branch that identity guidance (`diffusion.guidance`) needs.
+
 Stage 0 trains the generator unconditionally on every image of the batch. Stage 2 (`stage2_loss`) trains
 the condition encoder and the generator's cross-attention on a frozen stage-1 model.
 """
@@ -13,13 +18,34 @@ import jax
 import jax.numpy as jnp
 
 from idenc_jax.data import images
-from idenc_jax.diffusion import schedules
+from idenc_jax.diffusion import objectives, schedules
 from idenc_jax.train import state as state_lib
 
 
-def diffusion_loss(eps_pred: jax.Array, eps: jax.Array) -> jax.Array:
-  """Per-example epsilon-prediction loss ||eps_theta - eps||^2, averaged over pixels: [B]."""
-  return jnp.mean(jnp.square(eps_pred.astype(jnp.float32) - eps), axis=tuple(range(1, eps.ndim)))
+def diffusion_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
+  """Per-example squared error ||pred - target||^2 (eps, v or x0), averaged over pixels: [B]."""
+  return jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=tuple(range(1, target.ndim)))
+
+
+def weighted_diffusion_loss(config, schedule: schedules.NoiseSchedule, output: jax.Array, x0: jax.Array,
+                            noise: jax.Array, t: jax.Array) -> jax.Array:
+  """Per-example diffusion loss [B] of the configured target and timestep weighting."""
+  prediction = config.diffusion.prediction
+  target = objectives.training_target(schedule, x0, noise, t, prediction)
+  per_example = diffusion_loss(output, target)
+  if config.loss.weighting == 'none':
+    return per_example
+  return per_example * objectives.loss_weight(schedule, t, prediction, config.loss.weighting,
+                                              config.loss.min_snr_gamma)
+
+
+def null_identity_mask(rng: jax.Array, n: int, prob: float) -> jax.Array | None:
+  """[n] bool, True with probability `prob` per image (denoised without identity); None when prob is 0."""
+  if not 0.0 <= prob < 1.0:
+    raise ValueError(f'config.loss.null_identity_prob must lie in [0, 1), got {prob}.')
+  if prob == 0:
+    return None
+  return jax.random.uniform(rng, (n,)) < prob
 
 
 def soft_nearest_neighbor_loss(z: jax.Array, labels: jax.Array, temperature: float,
@@ -108,9 +134,9 @@ def compute_loss(params: dict, batch: dict, rng: jax.Array, step, *, config, gen
   metrics = {}
 
   if config.stage == 0:
-    eps = generator.apply({'params': params['generator']}, x_t, t, None, train=train,
+    out = generator.apply({'params': params['generator']}, x_t, t, None, train=train,
                           rngs={'dropout': rng_drop})
-    per_example = diffusion_loss(eps, noise)
+    per_example = weighted_diffusion_loss(config, schedule, out, x0, noise, t)
     loss = per_example.mean()
     metrics.update(loss=loss, diff_agnostic=loss)
     return loss, metrics
@@ -132,10 +158,12 @@ def compute_loss(params: dict, batch: dict, rng: jax.Array, step, *, config, gen
   else:
     cond_id = z_id
   cond = jnp.concatenate([cond_id, z_ag], axis=0)
+  # Its own stream (not a sixth split) so that runs without guidance draw the numbers they always drew.
+  null = null_identity_mask(jax.random.fold_in(rng, 7), n, lc.null_identity_prob)
 
-  eps = generator.apply({'params': params['generator']}, x_t, t, cond, train=train,
-                        rngs={'dropout': rng_drop})
-  per_example = diffusion_loss(eps, noise)
+  out = generator.apply({'params': params['generator']}, x_t, t, cond, train=train,
+                        rngs={'dropout': rng_drop}, null_identity=null)
+  per_example = weighted_diffusion_loss(config, schedule, out, x0, noise, t)
   diff_id = per_example[:n_id].mean()
   diff_ag = per_example[n_id:].mean()
   id_loss = (soft_nearest_neighbor_loss(z_id, labels, lc.id_temperature, valid=keep)
@@ -146,6 +174,8 @@ def compute_loss(params: dict, batch: dict, rng: jax.Array, step, *, config, gen
   metrics.update(loss=loss, diff_id=diff_id, diff_agnostic=diff_ag, id_loss=id_loss,
                  curriculum_p=p_drop, id_kept_fraction=keep.mean(),
                  embedding_norm=jnp.linalg.norm(z_all, axis=-1).mean())
+  if null is not None:
+    metrics['null_identity_fraction'] = null.mean()
   return loss, metrics
 
 
@@ -195,9 +225,9 @@ def stage2_loss(params: dict, batch: dict, rng: jax.Array, *, config, generator,
   if lc.use_agnostic:
     z = jnp.concatenate([z, z_all[n_id:]], axis=0)
   tokens = cond_encoder.apply({'params': params['cond_encoder']}, cond_images)
-  eps = generator.apply({'params': params['generator']}, x_t, t, z, tokens, train=train,
+  out = generator.apply({'params': params['generator']}, x_t, t, z, tokens, train=train,
                         rngs={'dropout': rng_drop})
-  per_example = diffusion_loss(eps, noise)
+  per_example = weighted_diffusion_loss(config, schedule, out, x0, noise, t)
   diff_id = per_example[:n_id].mean()
   loss = diff_id
   metrics = {'diff_id': diff_id}
