@@ -132,9 +132,27 @@ def test_parse_sweep():
       protocol.parse_sweep(bad, 100)
 
 
+def test_parse_reference_and_guidance_sweeps():
+  assert protocol.parse_reference_sweep('1, 2,4,8') == [1, 2, 4, 8]
+  for bad in ('0', 'x', '-1', '1.5'):
+    with pytest.raises(ValueError, match='config.eval.reference_sweep'):
+      protocol.parse_reference_sweep(bad)
+
+
+def test_reference_sweep_beyond_num_references_is_refused_before_sampling(tmp_path):
+  config = _config()
+  config.eval.reference_sweep = '1,4'      # num_references is 2
+  workdir = str(tmp_path / 'trained')
+  save_checkpoint(config, random_params(config), workdir, step=1)
+  with pytest.raises(ValueError, match='more references than'):
+    generation.evaluate_generation(config, workdir)
+
+
 def test_evaluate_writes_report(tmp_path):
   config = _config()
   config.eval.sweep = 'ddim:2'
+  config.eval.guidance_sweep = '1,2'
+  config.eval.reference_sweep = '1,2'
   workdir = str(tmp_path / 'trained')
   save_checkpoint(config, random_params(config), workdir, step=7)
   out = generation.evaluate_generation(config, workdir)
@@ -154,7 +172,17 @@ def test_evaluate_writes_report(tmp_path):
   assert (row['sampler'], row['steps']) == ('ddim', 2)
   for k in ('oracle_id_accuracy', 'oracle_fd', 'diversity'):
     assert row[k] == saved[k]
+  # Guidance 1 and R = 2 (= eval.num_references) are the main run again; the other rows exist with every key.
+  g1, g2 = saved['guidance_sweep']
+  r1, r2 = saved['reference_sweep']
+  assert (g1['guidance'], g2['guidance'], r1['num_references'], r2['num_references']) == (1.0, 2.0, 1, 2)
+  for k in ('oracle_id_accuracy', 'oracle_top5_accuracy', 'oracle_fd', 'diversity'):
+    assert g1[k] == saved[k] and r2[k] == saved[k], k
+    assert g2[k] is not None and r1[k] is not None, k
+  assert g2['oracle_fd'] != saved['oracle_fd'] and r1['oracle_fd'] != saved['oracle_fd']
+  assert s['guidance'] == 1.0 and s['prediction'] == 'eps'
   md = open(os.path.join(workdir, 'eval', 'metrics.md')).read()
   assert '| oracle_id_accuracy |' in md and 'Quality against sampling steps' in md
+  assert 'Identity guidance' in md and 'Number of references R' in md
   files = os.listdir(os.path.join(workdir, 'eval'))
   assert 'samples.png' in files and any(f.startswith('events.out.tfevents') for f in files)

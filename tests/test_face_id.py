@@ -93,3 +93,20 @@ def test_no_face_gives_nan_row(describer):
   assert found.tolist() == [False, False] and np.isnan(desc).all()
   with pytest.raises(ValueError, match='shape'):
     describer.describe(np.zeros((2, 3, 4, 5, 6), np.uint8))
+
+
+def test_id_accuracy_by_hand():
+  """Three identities with real means at e0, e1, e2 (x10); generated faces placed by hand near one of them."""
+  d = face_id.DESCRIPTOR_DIM
+  e = np.eye(d)[:3] * 10
+  real = [np.stack([e[i] + 0.1, e[i] - 0.1]) for i in range(3)]
+  nan = np.full(d, np.nan)
+  gen = [np.stack([e[0] + 1, e[1], nan]),      # 1 of 2 faces right; the no-face row is left out
+         np.stack([e[1] * 0.9]),                # right
+         np.stack([e[0], e[0] + e[2] * 0.4])]   # both nearest to identity 0: wrong
+  assert face_id.id_accuracy(gen, real) == pytest.approx(2 / 5)
+  # An identity whose real images have no face is not a candidate.
+  real_missing = [real[0], np.stack([nan]), real[2]]
+  assert face_id.id_accuracy([gen[0][:1], gen[1], gen[2][:1]], real_missing) == pytest.approx(1 / 3)
+  with pytest.raises(ValueError, match='no face found in any generated'):
+    face_id.id_accuracy([np.stack([nan])] * 3, real)

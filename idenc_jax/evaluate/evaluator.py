@@ -8,7 +8,10 @@ with a `<name>_skipped` reason):
                || d(generated) - mean_{held-out real r of i} d(r) ||_2; the ID score is the unweighted mean
                over identities (`face_id.mean_id_score`). Lower is better. Generated and real images go
                through the same detection and alignment. `no_face_generated` / `no_face_real` count the
-               images where no face was found (left out of the score).
+               images where no face was found (left out of the score); `face_rate` is the share of
+               generated images with a face. `id_accuracy`: the share of generated faces whose nearest
+               identity (mean real descriptor, among the evaluated identities) is their own; `id_chance`
+               is 1 / (identities with a real face).
   fd_face      Frechet distance between Gaussians fitted to the descriptors of all generated images and of
                all held-out real images (pooled over identities): an offline FID in dlib's face space.
   fid          FID (pytorch-fid InceptionV3 pool3) between the same pooled sets; needs
@@ -40,7 +43,8 @@ from idenc_jax.evaluate.metrics import oracle as oracle_lib
 from idenc_jax.evaluate.protocol import EvalSet
 
 METRICS = ('id_score', 'fd_face', 'fid', 'lpips', 'diversity', 'oracle_id_accuracy', 'oracle_chance')
-EXTRAS = ('oracle_fd', 'oracle_distance', 'oracle_top5_accuracy', 'no_face_generated', 'no_face_real')
+EXTRAS = ('oracle_fd', 'oracle_distance', 'oracle_top5_accuracy', 'no_face_generated', 'no_face_real', 'face_rate',
+          'id_accuracy', 'id_chance')
 MIN_FACE_RATE = 0.5   # below this fraction of real test images with a face, dlib metrics are meaningless
 
 
@@ -129,8 +133,11 @@ class Evaluator:
       found = np.isfinite(all_gen).all(1)
       out['no_face_generated'] = int((~found).sum())
       out['no_face_real'] = self.no_face_real
+      out['face_rate'] = float(found.mean())
+      out['id_chance'] = 1.0 / sum(bool(np.isfinite(d).all(1).any()) for d in self.real_desc)
       if found.any():
         out['id_score'], _ = face_id.mean_id_score(gen_desc, self.real_desc)
+        out['id_accuracy'] = face_id.id_accuracy(gen_desc, self.real_desc)
         if found.sum() >= 2:
           out['fd_face'] = face_id.face_frechet_distance(all_gen, np.concatenate(self.real_desc))
       if out['id_score'] is None:

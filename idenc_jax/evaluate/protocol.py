@@ -72,17 +72,18 @@ def embed_eval_set(personalizer, eval_set: EvalSet) -> np.ndarray:
 
 def generate_for_eval(personalizer, zs: np.ndarray, num: int, *, sampler: str, steps: int | None, seed: int,
                       max_images_per_call: int = 64, context: np.ndarray | None = None,
-                      generator_params: Any = None, eta: float = 0.0) -> np.ndarray:
+                      generator_params: Any = None, eta: float = 0.0, guidance: float = 1.0) -> np.ndarray:
   """`num` images per embedding zs [I, D] -> uint8 [I, num, res, res, 3]; identity i uses seed `seed + i`.
 
   Identities go through in chunks of equal size (the last padded), so one compiled sampler serves all.
+  guidance: identity guidance weight (1: none; `diffusion.guidance`).
   """
   n_ids = len(zs)
   chunk = max(1, min(n_ids, max_images_per_call // max(num, 1)))
   return map_in_chunks(
       lambda idx: personalizer.generate_batch(zs[idx], num, sampler=sampler, steps=steps, eta=eta, seeds=seed + idx,
                                               context=None if context is None else context[idx],
-                                              generator_params=generator_params), n_ids, chunk)
+                                              generator_params=generator_params, guidance=guidance), n_ids, chunk)
 
 
 def parse_sweep(spec: str, timesteps: int, start_t: int | None = None) -> list[tuple[str, int | None]]:
@@ -95,4 +96,15 @@ def parse_sweep(spec: str, timesteps: int, start_t: int | None = None) -> list[t
       raise ValueError(f'config.eval.sweep entry {item!r} is not sampler:steps with sampler in '
                        f'{list(samplers.SAMPLERS)} and 1 <= steps <= {timesteps}.')
     out.append((name, samplers.num_steps_from_config(name, int(steps), timesteps, start_t)))
+  return out
+
+
+def parse_reference_sweep(spec: str) -> list[int]:
+  """'1,2,4,8' -> [1, 2, 4, 8] (config.eval.reference_sweep: reference counts R, paper Fig. 7)."""
+  out = []
+  for item in [s.strip() for s in (spec or '').split(',') if s.strip()]:
+    if not item.isdigit() or int(item) < 1:
+      raise ValueError(f'config.eval.reference_sweep entry {item!r} is not a reference count >= 1; '
+                       "write e.g. '1,2,4,8'.")
+    out.append(int(item))
   return out

@@ -36,6 +36,14 @@ def metrics_markdown(metrics: dict) -> str:
     cols = ['steps', 'model_calls', 'sample_seconds', 'oracle_id_accuracy', 'oracle_fd', 'id_score', 'fd_face',
             'fid', 'diversity']
     lines += ['', '## Quality against sampling steps', '', markdown_table(sweep, cols, first='sampler')]
+  cols = ['oracle_id_accuracy', 'oracle_top5_accuracy', 'oracle_fd', 'id_score', 'fd_face', 'diversity',
+          'sample_seconds']
+  if metrics.get('guidance_sweep'):
+    lines += ['', '## Identity guidance: identity against diversity', '',
+              markdown_table(metrics['guidance_sweep'], cols, first='guidance')]
+  if metrics.get('reference_sweep'):
+    lines += ['', '## Number of references R', '',
+              markdown_table(metrics['reference_sweep'], cols, first='num_references')]
   s = metrics.get('settings', {})
   lines += ['', '## Settings', '', '```', json.dumps(s, indent=2, default=str), '```', '']
   return '\n'.join(lines)
@@ -60,6 +68,10 @@ def write_tensorboard(logdir: str, step: int, metrics: dict):
   for row in metrics.get('sweep') or []:
     scalars.update({f'eval/{row["sampler"]}_{row["steps"]}/{k}': v for k, v in row.items()
                     if isinstance(v, (int, float)) and k in METRICS + EXTRAS + ('sample_seconds',)})
+  for sweep, key, tag in (('guidance_sweep', 'guidance', 'guidance_{}'), ('reference_sweep', 'num_references', 'R{}')):
+    for row in metrics.get(sweep) or []:
+      scalars.update({f'eval/{tag.format(row[key])}/{k}': v for k, v in row.items()
+                      if isinstance(v, (int, float)) and k in METRICS + EXTRAS})
   writer = metric_writers.create_default_writer(logdir, just_logging=False)
   writer.write_scalars(step, scalars)
   writer.flush()

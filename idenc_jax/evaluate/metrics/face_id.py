@@ -104,3 +104,31 @@ def face_frechet_distance(gen_desc: np.ndarray, real_desc: np.ndarray) -> float:
   """Frechet distance between Gaussians fitted to generated and real descriptors [N, 128] (NaN rows, i.e. no
   face, dropped): an FID in dlib's face space that needs no downloaded weights."""
   return frechet.frechet_distance_from_features(_valid_rows(gen_desc, 'generated'), _valid_rows(real_desc, 'real'))
+
+
+def id_accuracy(gen_by_identity: Sequence[np.ndarray], real_by_identity: Sequence[np.ndarray]) -> float:
+  """Face-recognition accuracy of generated images: the share of generated descriptors (faces found) whose
+  nearest identity mean (Euclidean, over the identities' real descriptors) is their own identity. Chance is
+  1 / (number of identities with a real face)."""
+  if len(gen_by_identity) != len(real_by_identity):
+    raise ValueError(f'{len(gen_by_identity)} generated sets but {len(real_by_identity)} real sets')
+  means, own = [], []
+  for i, real in enumerate(real_by_identity):
+    real = _valid_rows(real, 'real')
+    if len(real):
+      means.append(real.mean(axis=0))
+      own.append(i)
+  if not means:
+    raise ValueError('no identity has a face found in its real images')
+  means = np.stack(means)
+  correct = total = 0
+  for i, gen in enumerate(gen_by_identity):
+    gen = _valid_rows(gen, 'generated')
+    if not len(gen):
+      continue
+    nearest = np.argmin(((gen[:, None, :] - means[None]) ** 2).sum(-1), axis=1)
+    correct += int(np.sum(np.asarray(own)[nearest] == i))
+    total += len(gen)
+  if total == 0:
+    raise ValueError('no face found in any generated image')
+  return correct / total
