@@ -14,10 +14,13 @@ is taken from the installed `configs` package, so the same command works from a 
 
 from __future__ import annotations
 
+import ast
+import copy
 import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -113,3 +116,33 @@ def parse_flags(argv: list[str]) -> list[str]:
 def run(main) -> None:
   """absl.app.run(main) with `parse_flags`."""
   app.run(main, flags_parser=parse_flags)
+
+
+def parse_value(text: Any) -> Any:
+  """A Python literal in text ('3', '1e-4', 'True', '(4, 2)'), else the text itself ('bfloat16')."""
+  if not isinstance(text, str):
+    return text
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(config, overrides: dict[str, Any]):
+  """A locked copy of `config` with each dotted field of `overrides` set (text values via `parse_value`).
+
+  The config's own type rules apply (an int widens to a float field; text does not turn into a
+  boolean). An unknown field or a value of the wrong type is a ValueError that names the field.
+  """
+  out = copy.deepcopy(config)
+  out.lock()
+  for key, value in overrides.items():
+    try:
+      out.update_from_flattened_dict({key: parse_value(value)})
+    except (KeyError, AttributeError) as e:
+      hint = str(e.args[0] if e.args else e).splitlines()[-1]   # ml_collections' 'Did you mean ...?'
+      hint = f'; {hint}' if 'Did you mean' in hint else ''
+      raise ValueError(f'unknown config field {key!r}{hint}') from None
+    except TypeError as e:
+      raise ValueError(f'bad value {value!r} for config field {key!r}: {e}') from None
+  return out

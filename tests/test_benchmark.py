@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load(spec, overrides=None):
-  return levers.apply_overrides(cli.load_config_file(spec), overrides or {})
+  return cli.apply_overrides(cli.load_config_file(spec), overrides or {})
 
 
 def run_cli(monkeypatch, *args):

@@ -153,3 +153,18 @@ def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
   assert checkpoint_steps(workdir)[-1] in (3, 6), ''.join(log[-30:])
   loop.train_and_evaluate(config_for(), workdir)   # resumes from the last complete checkpoint
   assert_same_state(workdir, uninterrupted, N)
+
+
+def test_time_budget_stops_with_a_checkpoint_and_resumes_exactly(uninterrupted, tmp_path):
+  """train.time_budget_minutes: past the budget the run checkpoints the step it is at and stops
+  (on_checkpoint sees it); the same workdir without a budget then ends as the uninterrupted run."""
+  workdir = str(tmp_path / 'budget')
+  config = config_for()
+  config.train.time_budget_minutes = 1e-9     # over as soon as the first step is done
+  seen = []
+  state = loop.train_and_evaluate(config, workdir, on_checkpoint=seen.append)
+  assert int(state.step) == 1 and seen == [1] and checkpoint_steps(workdir) == [1]
+  loop.train_and_evaluate(config_for(), workdir)
+  assert_same_state(workdir, uninterrupted, N)
+  with pytest.raises(ValueError, match='time_budget_minutes'):
+    loop.TimeBudget(-1.0, 0.0)

@@ -19,7 +19,6 @@ from idenc_jax.models.ops import attention as attention_ops
 from idenc_jax.models.ops import conv as conv_ops
 from idenc_jax.models.ops import group_norm as norm_ops
 from idenc_jax.perf import fixtures
-from idenc_jax.perf import levers as levers_lib
 from idenc_jax.train import state as state_lib
 
 # Tests compile at LLVM -O0: half the compile time; the arithmetic XLA emits is the same.
@@ -32,7 +31,7 @@ PLAIN = {'model.dtype': 'float32', 'model.remat': False, 'model.attention': 'xla
 
 
 def tiny(**overrides):
-  return levers_lib.apply_overrides(cli.load_config_file('configs/base.py:tiny'), {**PLAIN, **overrides})
+  return cli.apply_overrides(cli.load_config_file('configs/base.py:tiny'), {**PLAIN, **overrides})
 
 
 def flat(tree) -> np.ndarray:

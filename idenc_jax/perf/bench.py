@@ -19,7 +19,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from idenc_jax.perf import fixtures, levers, measure, op_profile
+from idenc_jax import cli
+from idenc_jax.perf import fixtures, measure, op_profile
 from idenc_jax.train import state as state_lib
 from idenc_jax.train import step as step_lib
 
@@ -27,7 +28,7 @@ from idenc_jax.train import step as step_lib
 def lower_train_step(config, batch_size: int | None = None):
   """The jitted train step lowered on abstract shapes (nothing materialised): a jax `Lowered`."""
   if batch_size is not None:
-    config = levers.apply_overrides(config, {'train.batch_size': batch_size})
+    config = cli.apply_overrides(config, {'train.batch_size': batch_size})
   abstract_state = jax.eval_shape(lambda k: state_lib.create_train_state(config, k), jax.random.key(0))
   optimizer = state_lib.make_optimizer(config, abstract_state.params)
   step = step_lib.make_train_step(config, optimizer)

@@ -11,9 +11,9 @@ command line is never changed and a misspelt field is an error, not a new field.
 
 from __future__ import annotations
 
-import ast
-import copy
 from typing import Any
+
+from idenc_jax import cli
 
 LEVERS = {
     'fp32': {'model.dtype': 'float32'},
@@ -31,7 +31,7 @@ LEVERS = {
 def variant_overrides(variant: str) -> dict[str, Any]:
   """'bf16+remat+b256' -> {'model.dtype': 'bfloat16', 'model.remat': True, 'train.batch_size': 256}.
 
-  A free-form `section.field=value` keeps its value as text; `apply_overrides` parses it.
+  A free-form `section.field=value` keeps its value as text; `cli.apply_overrides` parses it.
   """
   out = {}
   for lever in filter(None, (p.strip() for p in variant.split('+'))):
@@ -50,36 +50,6 @@ def variant_overrides(variant: str) -> dict[str, Any]:
   return out
 
 
-def parse_value(text: Any) -> Any:
-  """A Python literal in text ('3', '1e-4', 'True', '(4, 2)'), else the text itself ('bfloat16')."""
-  if not isinstance(text, str):
-    return text
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-
-
-def apply_overrides(config, overrides: dict[str, Any]):
-  """A locked copy of `config` with each dotted field of `overrides` set (text values via `parse_value`).
-
-  The config's own type rules apply (an int widens to a float field; text does not turn into a
-  boolean). An unknown field or a value of the wrong type is a ValueError that names the field.
-  """
-  out = copy.deepcopy(config)
-  out.lock()
-  for key, value in overrides.items():
-    try:
-      out.update_from_flattened_dict({key: parse_value(value)})
-    except (KeyError, AttributeError) as e:
-      hint = str(e.args[0] if e.args else e).splitlines()[-1]   # ml_collections' 'Did you mean ...?'
-      hint = f'; {hint}' if 'Did you mean' in hint else ''
-      raise ValueError(f'unknown config field {key!r}{hint}') from None
-    except TypeError as e:
-      raise ValueError(f'bad value {value!r} for config field {key!r}: {e}') from None
-  return out
-
-
 def variant_config(config, variant: str):
   """A locked copy of `config` with the levers of `variant` applied ('' : an unchanged copy)."""
-  return apply_overrides(config, variant_overrides(variant))
+  return cli.apply_overrides(config, variant_overrides(variant))

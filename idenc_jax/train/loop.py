@@ -71,6 +71,27 @@ class PreemptionFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class TimeBudget:
+  """config.train.time_budget_minutes: true once the wall time since `start` exceeds it (never when 0)."""
+
+  def __init__(self, minutes: float, start: float):
+    if minutes < 0:
+      raise ValueError(f'config.train.time_budget_minutes must be >= 0 (0: no budget), got {minutes}.')
+    self.seconds = 60.0 * minutes
+    self.start = start
+
+  def check(self, step: int, every: int) -> bool:
+    if not self.seconds:
+      return False
+    if jax.process_count() > 1:
+      # Clocks differ across hosts: stop together, agreeing every `every` steps (a host sync).
+      if step % every:
+        return False
+      late = np.array(time.time() - self.start >= self.seconds)
+      return bool(multihost_utils.process_allgather(late).any())
+    return time.time() - self.start >= self.seconds
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Sample grids: held-out identities, their references beside EMA samples.
 # ---------------------------------------------------------------------------------------------------------
@@ -91,7 +112,8 @@ class SampleGrid:
     samplers.timestep_subsequence(schedule, tc.sample_steps, start_t=start_t)  # errors now, not at the first grid
     self.fn = generate_lib.make_identity_sampler(
         models.build_generator(config), models.build_encoder(config), schedule,
-        num=4, sampler='ddim', num_steps=tc.sample_steps, start_t=start_t)
+        num=4, sampler='ddim', num_steps=tc.sample_steps, start_t=start_t, guidance=config.eval.guidance,
+        prediction=config.diffusion.prediction)
     self.rng = jax.random.key(config.seed + 1)
 
   def __call__(self, ema_params) -> np.ndarray:
@@ -172,12 +194,15 @@ def _mean_metrics(pending: list) -> tuple[dict, int | None]:
   return out, (bad[0] if bad else None)
 
 
-def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
+def train_and_evaluate(config, workdir: str, *, on_checkpoint=None) -> state_lib.TrainState:
   """Trains per `config`, writing checkpoints, TensorBoard logs and sample grids under `workdir`.
 
   Resumes from the workdir's latest checkpoint when there is one. Raises NonFiniteLossError (after
-  keeping the last good checkpoint) when a step's loss or gradient is not finite.
+  keeping the last good checkpoint) when a step's loss or gradient is not finite. With
+  `config.train.time_budget_minutes` > 0 it stops (with a checkpoint) at the first step past that wall time,
+  counted from this call. on_checkpoint(step): called after each checkpoint is written (e.g. to time it).
   """
+  t_call = time.time()
   workdir = ckpt_lib.absolute(workdir)  # a local path or a URL (gs://...) all hosts can write
   is_main = jax.process_index() == 0
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -233,6 +258,7 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
     writer.write_hparams(_flat(config.to_dict()))
     report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
     grids = SampleGrid(config)
+    time_budget = TimeBudget(tc.time_budget_minutes, t_call)
     pending, last_log = [], time.time()
     step = start_step
 
@@ -263,9 +289,17 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
       report(step)
       if step % tc.log_every == 0 or step == tc.num_steps:
         flush_metrics(step)
-      if step % tc.checkpoint_every == 0 or step == tc.num_steps:
+      out_of_time = step < tc.num_steps and time_budget.check(step, tc.log_every)
+      if step % tc.checkpoint_every == 0 or step == tc.num_steps or out_of_time:
         flush_metrics(step)  # never checkpoint a state whose steps have not been checked
         checkpointer.save(step, state, position, force=True)
+        if on_checkpoint is not None:
+          checkpointer.wait()
+          on_checkpoint(step)
+      if out_of_time:
+        logging.info('Time budget of %g min reached at step %d: checkpoint saved, stopping.',
+                     tc.time_budget_minutes, step)
+        break
       if grids.enabled and (step % tc.sample_every == 0 or step == tc.num_steps):
         grid = grids(state.ema_params)
         if is_main:

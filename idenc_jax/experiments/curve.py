@@ -1,0 +1,210 @@
+"""Time-to-identity curves: train recipes for a wall-clock budget, evaluate their checkpoints, plot them.
+
+  python -m idenc_jax.experiments.curve --config=configs/base.py:cpu --workdir=runs/curve \
+      --minutes=15 --eval_every=1000 --variant='paper_eps:' --variant='minsnr:loss.weighting=min_snr'
+
+Each variant (`NAME:field=value;field=value`, fields of the config; default one variant 'base', the config
+as given) trains in WORKDIR/NAME for `--minutes` of wall time (config.train.time_budget_minutes; a checkpoint
+every `--eval_every` steps, all kept). The wall time at each checkpoint is recorded from the start of its
+training call, compile and sample grids included: what a user waits for. Then every checkpoint is evaluated
+with the protocol of `--mode=eval` (`evaluate.protocol`, config.eval: references, samples, sampler, steps)
+at each guidance weight of `--guidance` (default config.eval.guidance): oracle top-1 and top-5 accuracy with
+their standard errors, the oracle Frechet distance and diversity. Variants train one after another in this
+process, so a comparison is one sitting on one machine; run it on an otherwise idle machine.
+
+Writes WORKDIR/curve.json (every point and the settings), curve.md (one table per variant) and curve.png
+(top-1 accuracy against minutes and against steps). A variant whose training finished (WORKDIR/NAME/clock.json)
+is not trained again, and evaluated points are kept (WORKDIR/NAME/points.json): a stopped run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+
+import numpy as np
+from absl import flags, logging
+
+from idenc_jax import cli
+from idenc_jax.diffusion import guidance as guidance_lib
+from idenc_jax.diffusion import samplers
+from idenc_jax.evaluate import report
+from idenc_jax.evaluate.evaluator import Evaluator
+from idenc_jax.evaluate.generation import run_protocol
+from idenc_jax.evaluate.protocol import embed_eval_set, load_eval_set
+from idenc_jax.personalize.personalizer import Personalizer
+from idenc_jax.train import checkpoint as ckpt_lib
+from idenc_jax.train import loop
+
+METRICS = ('oracle_id_accuracy', 'oracle_top5_accuracy', 'oracle_fd', 'diversity')
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+  """'minsnr:loss.weighting=min_snr;train.learning_rate=2e-3' -> ('minsnr', {field: text value})."""
+  name, sep, rest = spec.partition(':')
+  if not sep or not name or not name.replace('_', '').replace('-', '').isalnum():
+    raise ValueError(f'--variant {spec!r} is not NAME:field=value;... (NAME of letters, digits, _ and -).')
+  overrides = {}
+  for item in filter(None, (s.strip() for s in rest.split(';'))):
+    key, eq, value = item.partition('=')
+    if not eq:
+      raise ValueError(f'--variant {spec!r}: {item!r} is not field=value.')
+    overrides[key.strip()] = value.strip()
+  return name, overrides
+
+
+def standard_error(p: float | None, n: int) -> float | None:
+  """Binomial standard error sqrt(p (1 - p) / n) of an accuracy over n samples."""
+  return None if p is None or n <= 0 else math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def train_variant(config, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir` for its time budget; returns {step: seconds since the start} per checkpoint
+  (kept in WORKDIR/clock.json, whose presence means the training finished)."""
+  path = os.path.join(workdir, 'clock.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  if ckpt_lib.Checkpointer(workdir, save_every=1, keep=1).latest_step() is not None:
+    raise ValueError(f'{workdir} holds checkpoints but no clock.json (a stopped curve run): its wall times '
+                     'are lost; delete the folder to train the variant again.')
+  clock, t0 = {}, time.time()
+  loop.train_and_evaluate(config, workdir, on_checkpoint=lambda step: clock.__setitem__(str(step), time.time() - t0))
+  with open(path, 'w') as f:
+    json.dump(clock, f, indent=2)
+  return clock
+
+
+def evaluate_checkpoints(config, workdir: str, clock: dict[str, float], weights: list[float]) -> list[dict]:
+  """One point per (checkpoint, guidance weight): step, minutes and the METRICS with standard errors."""
+  path = os.path.join(workdir, 'points.json')
+  points = json.load(open(path)) if os.path.exists(path) else []
+  done = {(p['step'], p['guidance']) for p in points}
+  eval_set = load_eval_set(config)
+  evaluator = Evaluator(config, eval_set, use_dlib=not eval_set.synthetic)
+  ev = config.eval
+  steps = samplers.num_steps_from_config(ev.sampler, ev.steps, config.diffusion.timesteps,
+                                         config.diffusion.sample_start_t)
+  n = len(eval_set) * ev.num_generated
+  for step in sorted(int(s) for s in clock):
+    todo = [w for w in weights if (step, w) not in done]
+    if not todo:
+      continue
+    params = ckpt_lib.load_params(os.path.join(workdir, 'checkpoints', str(step)), ema=True)
+    p = Personalizer(config, params)
+    zs = embed_eval_set(p, eval_set)
+    for w in todo:
+      m, _ = run_protocol(config, p, eval_set, evaluator, sampler=ev.sampler, steps=steps, zs=zs, eta=ev.eta,
+                          guidance=w)
+      point = {'step': step, 'minutes': clock[str(step)] / 60, 'guidance': w, 'samples': n,
+               **{k: m.get(k) for k in METRICS + ('oracle_chance', 'id_score', 'no_face_generated')}}
+      point['oracle_id_accuracy_se'] = standard_error(point['oracle_id_accuracy'], n)
+      point['oracle_top5_accuracy_se'] = standard_error(point['oracle_top5_accuracy'], n)
+      points.append(report.json_ready(point))
+      logging.info('%s step %d (%.1f min), guidance %g: %s', os.path.basename(workdir), step, point['minutes'], w,
+                   {k: point[k] for k in METRICS})
+      with open(path, 'w') as f:
+        json.dump(points, f, indent=2)
+  return sorted(points, key=lambda p: (p['guidance'], p['step']))
+
+
+def curve_markdown(curves: dict[str, list[dict]]) -> str:
+  cols = ['minutes', 'guidance', 'oracle_id_accuracy', 'oracle_id_accuracy_se', 'oracle_top5_accuracy',
+          'oracle_fd', 'diversity']
+  lines = ['# Time to identity', '']
+  for name, points in curves.items():
+    lines += [f'## {name}', '', report.markdown_table(points, cols, first='step'), '']
+  return '\n'.join(lines)
+
+
+def plot(curves: dict[str, list[dict]], path: str, title: str):
+  import matplotlib  # lazy: only the plot needs it
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+  for name, points in curves.items():
+    for w in sorted({p['guidance'] for p in points}):
+      pts = [p for p in points if p['guidance'] == w and p['oracle_id_accuracy'] is not None]
+      if not pts:
+        continue
+      acc = np.array([p['oracle_id_accuracy'] for p in pts])
+      se = np.array([p['oracle_id_accuracy_se'] or 0.0 for p in pts])
+      label = name if len({p['guidance'] for p in points}) == 1 else f'{name}, w={w:g}'
+      for ax, key in zip(axes, ('minutes', 'step')):
+        x = np.array([p[key] for p in pts])
+        ax.errorbar(x, acc, yerr=se, marker='o', ms=3, capsize=2, label=label)
+  chance = next((p['oracle_chance'] for pts in curves.values() for p in pts if p.get('oracle_chance')), None)
+  for ax, xlabel in zip(axes, ('training wall time (minutes, compile included)', 'training steps')):
+    if chance:
+      ax.axhline(chance, color='grey', ls=':', lw=1, label='chance' if ax is axes[0] else None)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel('oracle top-1 accuracy (+- 1 s.e.)')
+  axes[0].legend(fontsize=8)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def run_curves(base_config, workdir: str, variants: list[tuple[str, dict]], *, minutes: float, eval_every: int,
+               weights: list[float]) -> dict:
+  if minutes <= 0 or eval_every < 1:
+    raise ValueError(f'--minutes must be > 0 and --eval_every >= 1, got {minutes} and {eval_every}.')
+  configs = {}
+  for name, overrides in variants:   # every override checked before anything trains
+    c = cli.apply_overrides(base_config, overrides)
+    with c.unlocked():
+      c.train.time_budget_minutes = minutes
+      c.train.num_steps = max(c.train.num_steps, 10_000_000)
+      c.train.checkpoint_every = eval_every
+      c.train.keep_checkpoints = 1_000_000
+    configs[name] = c
+  curves = {}
+  for name, c in configs.items():
+    wd = os.path.join(workdir, name)
+    clock = train_variant(c, wd)
+    curves[name] = evaluate_checkpoints(c, wd, clock, weights or [guidance_lib.check_guidance(c.eval.guidance)])
+  result = {'curves': curves, 'variants': {n: o for n, o in variants},
+            'settings': {'minutes': minutes, 'eval_every': eval_every, 'machine': platform.processor() or
+                         platform.machine(), 'cpus': os.cpu_count(), 'date': time.strftime('%Y-%m-%d'),
+                         'eval': base_config.eval.to_dict()}}
+  report.write_report(workdir, 'curve', result, curve_markdown(curves))
+  plot(curves, os.path.join(workdir, 'curve.png'),
+       f'time to identity ({minutes:g} min per variant, {os.cpu_count()} CPUs)')
+  logging.info('Wrote %s/curve.json, curve.md and curve.png', workdir)
+  return result
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command line's flags; defined at start-up, not at import, since other entry points define flags of
+  the same names (--config, --workdir) and may be imported into the same process (the tests)."""
+  where = {'flag_values': flag_values}
+  cli.define_config_flag(**where)
+  flags.DEFINE_string('workdir', None, "Folder of the variants' workdirs and the curve files.", required=True,
+                      **where)
+  flags.DEFINE_float('minutes', 15.0, 'Wall-clock training budget per variant, in minutes.', **where)
+  flags.DEFINE_integer('eval_every', 1000, 'Steps between evaluated checkpoints.', **where)
+  flags.DEFINE_multi_string('variant', [], "NAME:field=value;field=value (repeatable); 'NAME:' is the config "
+                            'as given. Default: one variant, base.', **where)
+  flags.DEFINE_string('guidance', '', "Guidance weights evaluated at each checkpoint, e.g. '1,3' (default "
+                      'config.eval.guidance).', **where)
+
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
+  del argv
+  f = flag_values
+  variants = [parse_variant(v) for v in f.variant] or [('base', {})]
+  names = [n for n, _ in variants]
+  if len(set(names)) != len(names):
+    raise ValueError(f'--variant names must differ, got {names}.')
+  run_curves(f.config, f.workdir, variants, minutes=f.minutes, eval_every=f.eval_every,
+             weights=guidance_lib.parse_guidance_sweep(f.guidance))
+
+
+if __name__ == '__main__':
+  define_flags()
+  cli.run(main)

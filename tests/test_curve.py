@@ -1,0 +1,67 @@
+"""The time-to-identity curve command: variant parsing, standard errors, and one tiny end-to-end run."""
+
+import json
+import math
+import os
+
+import pytest
+
+from configs import base
+from idenc_jax.experiments import curve
+
+from test_personalize import shrink  # noqa: E402
+
+
+def test_parse_variant():
+  assert curve.parse_variant('base:') == ('base', {})
+  assert curve.parse_variant('minsnr:loss.weighting=min_snr; train.learning_rate=2e-3') == (
+      'minsnr', {'loss.weighting': 'min_snr', 'train.learning_rate': '2e-3'})
+  assert curve.parse_variant('wide:model.channel_mult=(1,2,2)') == ('wide', {'model.channel_mult': '(1,2,2)'})
+  for bad in ('nocolon', ':x=1', 'a b:x=1', 'v:loss.weighting'):
+    with pytest.raises(ValueError, match='--variant'):
+      curve.parse_variant(bad)
+
+
+def test_standard_error_is_the_binomial_one():
+  assert curve.standard_error(0.25, 256) == pytest.approx(math.sqrt(0.25 * 0.75 / 256))
+  assert curve.standard_error(None, 256) is None and curve.standard_error(0.5, 0) is None
+
+
+def test_a_misspelt_variant_field_fails_before_training(tmp_path):
+  with pytest.raises(ValueError, match='unknown config field'):
+    curve.run_curves(base.get_config('tiny'), str(tmp_path), [('a', {}), ('b', {'loss.weighing': 'min_snr'})],
+                     minutes=1, eval_every=1, weights=[1.0])
+  assert not os.listdir(tmp_path)
+
+
+def test_tiny_curve_end_to_end(tmp_path):
+  config = base.get_config('tiny')
+  shrink(config)
+  config.eval.steps = 2
+  result = curve.run_curves(config, str(tmp_path), [('plain', {}), ('cfg', {'loss.null_identity_prob': '0.2'})],
+                            minutes=1e-9, eval_every=5, weights=[1.0, 2.0])
+  for name in ('plain', 'cfg'):
+    points = result['curves'][name]
+    # The budget ends the run after its first step, which is checkpointed, timed and evaluated at both weights.
+    assert [(p['step'], p['guidance']) for p in points] == [(1, 1.0), (1, 2.0)]
+    for p in points:
+      assert p['minutes'] > 0 and 0 <= p['oracle_id_accuracy'] <= 1 and p['samples'] == 4 * 2
+      assert p['oracle_id_accuracy_se'] == pytest.approx(curve.standard_error(p['oracle_id_accuracy'], 8))
+    assert json.load(open(tmp_path / name / 'clock.json')).keys() == {'1'}
+  saved = json.load(open(tmp_path / 'curve.json'))
+  assert saved['curves'] == json.loads(json.dumps(result['curves']))
+  assert saved['variants'] == {'plain': {}, 'cfg': {'loss.null_identity_prob': '0.2'}}
+  assert (tmp_path / 'curve.png').stat().st_size > 1000 and '## cfg' in (tmp_path / 'curve.md').read_text()
+  # A second call reuses the finished training and the evaluated points.
+  again = curve.run_curves(config, str(tmp_path), [('plain', {})], minutes=1e-9, eval_every=5, weights=[1.0, 2.0])
+  assert again['curves']['plain'] == result['curves']['plain']
+
+
+def test_command_line_flags():
+  from absl import flags
+  fv = flags.FlagValues()
+  curve.define_flags(fv)
+  fv(['curve', '--config=configs/base.py:tiny', '--workdir=out', '--minutes=2', "--variant=a:", '--variant=b:x.y=1',
+      '--guidance=1,3', '--config.eval.steps=3'])
+  assert (fv.workdir, fv.minutes, fv.variant, fv.guidance) == ('out', 2.0, ['a:', 'b:x.y=1'], '1,3')
+  assert fv.config.eval.steps == 3 and fv.eval_every == 1000
