@@ -62,6 +62,6 @@ def test_command_line_flags():
   fv = flags.FlagValues()
   curve.define_flags(fv)
   fv(['curve', '--config=configs/base.py:tiny', '--workdir=out', '--minutes=2', "--variant=a:", '--variant=b:x.y=1',
-      '--guidance=1,3', '--config.eval.steps=3'])
+      '--guidance=1,3'])
   assert (fv.workdir, fv.minutes, fv.variant, fv.guidance) == ('out', 2.0, ['a:', 'b:x.y=1'], '1,3')
-  assert fv.config.eval.steps == 3 and fv.eval_every == 1000
+  assert fv.config.eval.steps == 4 and fv.eval_every == 1000   # the tiny config, loaded
