@@ -9,7 +9,8 @@
 `--config=configs/base.py[:variant]` names the config file; `--config.section.field=value` overrides a
 field. The path is read relative to the working directory, and a `configs/...` path that is not there
 is taken from the installed `configs` package, so the same command works from a checkout and after
-`pip install .`. A misspelt override is a one-line error (fields are locked).
+`pip install .`. A misspelt override is a one-line error (fields are locked). `apply_overrides` applies
+the same `section.field=value` rule to a config in code (the benchmark's levers, the curve's variants).
 """
 
 from __future__ import annotations

@@ -80,10 +80,11 @@ def compare(config, workdir: str, *, num_identities: int | None = None, write: b
     loss_last.append(float(hist[-w:].mean()))
   ft_compile = max(ft_first - float(np.mean(ft_times)), 0.0)
 
-  # ---- Same seeds, same sampler, same metrics for both. ----
-  g_enc = generate_for_eval(p, zs, ev.num_generated, sampler=ev.sampler, steps=steps, seed=config.seed)
+  # ---- Same seeds, same sampler, same guidance (eval.guidance), same metrics for both. ----
+  g_enc = generate_for_eval(p, zs, ev.num_generated, sampler=ev.sampler, steps=steps, seed=config.seed,
+                            guidance=ev.guidance)
   g_ft = np.stack([p.generate(ft_z[i], ev.num_generated, sampler=ev.sampler, steps=steps, seed=config.seed + i,
-                              generator_params=ft_params[i]) for i in range(len(subset))])
+                              generator_params=ft_params[i], guidance=ev.guidance) for i in range(len(subset))])
   enc_m, ft_m = evaluator.metrics(g_enc), evaluator.metrics(g_ft)
   enc_m.update(personalize_seconds=float(np.mean(enc_times)), compile_seconds=enc_compile)
   ft_m.update(personalize_seconds=float(np.mean(ft_times)), compile_seconds=ft_compile,
