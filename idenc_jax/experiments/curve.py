@@ -61,6 +61,14 @@ def standard_error(p: float | None, n: int) -> float | None:
   return None if p is None or n <= 0 else math.sqrt(max(p * (1 - p), 0.0) / n)
 
 
+def _has_checkpoint(workdir: str) -> bool:
+  try:
+    ckpt_lib.checkpoint_step(workdir)
+    return True
+  except FileNotFoundError:
+    return False
+
+
 def train_variant(config, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` for its time budget; returns {step: seconds since the start} per checkpoint
   (kept in WORKDIR/clock.json, whose presence means the training finished)."""
@@ -68,7 +76,7 @@ def train_variant(config, workdir: str) -> dict[str, float]:
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  if ckpt_lib.Checkpointer(workdir, save_every=1, keep=1).latest_step() is not None:
+  if _has_checkpoint(workdir):
     raise ValueError(f'{workdir} holds checkpoints but no clock.json (a stopped curve run): its wall times '
                      'are lost; delete the folder to train the variant again.')
   clock, t0 = {}, time.time()
@@ -81,7 +89,10 @@ def train_variant(config, workdir: str) -> dict[str, float]:
 def evaluate_checkpoints(config, workdir: str, clock: dict[str, float], weights: list[float]) -> list[dict]:
   """One point per (checkpoint, guidance weight): step, minutes and the METRICS with standard errors."""
   path = os.path.join(workdir, 'points.json')
-  points = json.load(open(path)) if os.path.exists(path) else []
+  points = []
+  if os.path.exists(path):
+    with open(path) as f:
+      points = json.load(f)
   done = {(p['step'], p['guidance']) for p in points}
   eval_set = load_eval_set(config)
   evaluator = Evaluator(config, eval_set, use_dlib=not eval_set.synthetic)

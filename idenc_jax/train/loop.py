@@ -47,6 +47,16 @@ class DevicePrefetcher(prefetch_lib.Prefetcher):
 # ---------------------------------------------------------------------------------------------------------
 # Preemption: SIGTERM sets a flag; the loop saves and exits at the next step boundary.
 # ---------------------------------------------------------------------------------------------------------
+def _agreed(flag: bool, step: int, every: int) -> bool:
+  """`flag` on one process; with several, true on all when any has it. Every process must stop at the same
+  step, and agreeing costs a host sync, so several processes compare only every `every` steps."""
+  if jax.process_count() > 1:
+    if step % every:
+      return False
+    return bool(multihost_utils.process_allgather(np.array(flag)).any())
+  return flag
+
+
 class PreemptionFlag:
   def __init__(self):
     self.requested = False
@@ -59,12 +69,7 @@ class PreemptionFlag:
     self.requested = True
 
   def check(self, step: int, every: int) -> bool:
-    if jax.process_count() > 1:
-      # Every process must stop at the same step; agreeing costs a host sync, so only every `every` steps.
-      if step % every:
-        return False
-      return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
-    return self.requested
+    return _agreed(self.requested, step, every)
 
   def restore(self):
     if self._previous is not None:
@@ -81,15 +86,8 @@ class TimeBudget:
     self.start = start
 
   def check(self, step: int, every: int) -> bool:
-    if not self.seconds:
-      return False
-    if jax.process_count() > 1:
-      # Clocks differ across hosts: stop together, agreeing every `every` steps (a host sync).
-      if step % every:
-        return False
-      late = np.array(time.time() - self.start >= self.seconds)
-      return bool(multihost_utils.process_allgather(late).any())
-    return time.time() - self.start >= self.seconds
+    # Clocks differ across hosts: _agreed makes them stop at the same step.
+    return bool(self.seconds) and _agreed(time.time() - self.start >= self.seconds, step, every)
 
 
 # ---------------------------------------------------------------------------------------------------------
