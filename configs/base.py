@@ -134,6 +134,7 @@ def _paper_config() -> config_dict.ConfigDict:
   t.num_steps = 1_000_000
   t.learning_rate = 5e-5
   t.warmup_steps = 10_000
+  t.lr_schedule = 'constant'    # after warm-up: 'constant' (paper) or 'cosine' (decay to 0 at num_steps)
   t.b1 = 0.9
   t.b2 = 0.999
   t.weight_decay = 0.0

@@ -31,6 +31,10 @@ def test_a_misspelt_variant_field_fails_before_training(tmp_path):
   with pytest.raises(ValueError, match='unknown config field'):
     curve.run_curves(base.get_config('tiny'), str(tmp_path), [('a', {}), ('b', {'loss.weighing': 'min_snr'})],
                      minutes=1, eval_every=1, weights=[1.0])
+  # A decaying learning rate needs a horizon in steps, which a time budget alone does not give.
+  with pytest.raises(ValueError, match='--max_steps'):
+    curve.run_curves(base.get_config('tiny'), str(tmp_path), [('cos', {'train.lr_schedule': 'cosine'})],
+                     minutes=1, eval_every=1, weights=[1.0])
   assert not os.listdir(tmp_path)
 
 

@@ -254,3 +254,24 @@ def test_mode_with_missing_module_is_a_clear_error(tmp_path, mode, module):
                           timeout=120)
   assert result.returncode != 0
   assert f'--mode={mode} needs the module {module}, which this installation does not have' in result.stderr
+
+
+@pytest.mark.parametrize('kind', ['constant', 'cosine'])
+def test_learning_rate_schedule_matches_its_formula(kind):
+  """Warm-up 0 -> lr over W steps, then lr (constant) or lr (1 + cos(pi (n - W) / (N - W))) / 2 (cosine)."""
+  config = tt.tiny_config('tiny', **{'train.lr_schedule': kind, 'train.learning_rate': 1e-3,
+                                     'train.warmup_steps': 10, 'train.num_steps': 110})
+  schedule = state_lib.learning_rate_schedule(config)
+  for n in (0, 5, 10, 35, 60, 109, 110):
+    if n < 10:
+      want = 1e-3 * n / 10
+    elif kind == 'constant':
+      want = 1e-3
+    else:
+      want = 1e-3 * 0.5 * (1 + np.cos(np.pi * (n - 10) / 100))
+    np.testing.assert_allclose(float(schedule(n)), want, rtol=1e-5, atol=1e-9, err_msg=f'step {n}')
+
+
+def test_unknown_learning_rate_schedule_is_named():
+  with pytest.raises(ValueError, match='train.lr_schedule'):
+    state_lib.learning_rate_schedule(tt.tiny_config('tiny', **{'train.lr_schedule': 'cosin'}))

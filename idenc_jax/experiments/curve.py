@@ -5,7 +5,8 @@
 
 Each variant (`NAME:field=value;field=value`, fields of the config; default one variant 'base', the config
 as given) trains in WORKDIR/NAME for `--minutes` of wall time (config.train.time_budget_minutes; a checkpoint
-every `--eval_every` steps, all kept). The wall time at each checkpoint is recorded from the start of its
+every `--eval_every` steps, all kept; with `--max_steps` it also stops there, the horizon of a decaying learning
+rate). The wall time at each checkpoint is recorded from the start of its
 training call, compile and sample grids included: what a user waits for. Then every checkpoint is evaluated
 with the protocol of `--mode=eval` (`evaluate.protocol`, config.eval: references, samples, sampler, steps)
 at each guidance weight of `--guidance` (default config.eval.guidance): oracle top-1 and top-5 accuracy with
@@ -162,15 +163,19 @@ def plot(curves: dict[str, list[dict]], path: str, title: str):
 
 
 def run_curves(base_config, workdir: str, variants: list[tuple[str, dict]], *, minutes: float, eval_every: int,
-               weights: list[float]) -> dict:
-  if minutes <= 0 or eval_every < 1:
-    raise ValueError(f'--minutes must be > 0 and --eval_every >= 1, got {minutes} and {eval_every}.')
+               weights: list[float], max_steps: int = 0) -> dict:
+  if minutes <= 0 or eval_every < 1 or max_steps < 0:
+    raise ValueError(f'--minutes must be > 0, --eval_every >= 1 and --max_steps >= 0, got {minutes}, {eval_every} '
+                     f'and {max_steps}.')
   configs = {}
   for name, overrides in variants:   # every override checked before anything trains
     c = cli.apply_overrides(base_config, overrides)
+    if c.train.lr_schedule != 'constant' and not max_steps:
+      raise ValueError(f'--variant {name}: train.lr_schedule={c.train.lr_schedule!r} decays over train.num_steps, '
+                       'which a time-budgeted run never reaches; pass --max_steps (the decay horizon).')
     with c.unlocked():
       c.train.time_budget_minutes = minutes
-      c.train.num_steps = max(c.train.num_steps, 10_000_000)
+      c.train.num_steps = max_steps or 10_000_000
       c.train.checkpoint_every = eval_every
       c.train.keep_checkpoints = 1_000_000
     configs[name] = c
@@ -199,6 +204,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       **where)
   flags.DEFINE_float('minutes', 15.0, 'Wall-clock training budget per variant, in minutes.', **where)
   flags.DEFINE_integer('eval_every', 1000, 'Steps between evaluated checkpoints.', **where)
+  flags.DEFINE_integer('max_steps', 0, 'Stop a variant at this many steps if its time budget lasts that long, and '
+                       "decay the learning rate over them (train.num_steps); 0: the time budget alone.", **where)
   flags.DEFINE_multi_string('variant', [], "NAME:field=value;field=value (repeatable); 'NAME:' is the config "
                             'as given. Default: one variant, base.', **where)
   flags.DEFINE_string('guidance', '', "Guidance weights evaluated at each checkpoint, e.g. '1,3' (default "
@@ -213,7 +220,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   if len(set(names)) != len(names):
     raise ValueError(f'--variant names must differ, got {names}.')
   run_curves(f.config, f.workdir, variants, minutes=f.minutes, eval_every=f.eval_every,
-             weights=guidance_lib.parse_guidance_sweep(f.guidance))
+             weights=guidance_lib.parse_guidance_sweep(f.guidance), max_steps=f.max_steps)
 
 
 if __name__ == '__main__':

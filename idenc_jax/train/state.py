@@ -22,12 +22,23 @@ class TrainState:
   rng: jax.Array          # raw uint32 key data: checkpoints hold plain arrays
 
 
+LR_SCHEDULES = ('constant', 'cosine')
+
+
 def learning_rate_schedule(config) -> optax.Schedule:
-  """Linear warm-up from 0 to the learning rate, then constant (paper appendix A)."""
+  """Linear warm-up from 0 to the learning rate, then constant (paper appendix A) or, with
+  `train.lr_schedule='cosine'`, a cosine decay to 0 at `train.num_steps` (a short run ends at a low rate
+  instead of at the noisy peak)."""
   t = config.train
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, t.learning_rate, max(t.warmup_steps, 1)),
-       optax.constant_schedule(t.learning_rate)], [max(t.warmup_steps, 1)])
+  if t.lr_schedule not in LR_SCHEDULES:
+    raise ValueError(f'Unknown learning-rate schedule {t.lr_schedule!r} (config.train.lr_schedule); '
+                     f'choose from {list(LR_SCHEDULES)}.')
+  warmup = max(t.warmup_steps, 1)
+  if t.lr_schedule == 'constant':
+    after = optax.constant_schedule(t.learning_rate)
+  else:
+    after = optax.cosine_decay_schedule(t.learning_rate, max(t.num_steps - warmup, 1))
+  return optax.join_schedules([optax.linear_schedule(0.0, t.learning_rate, warmup), after], [warmup])
 
 
 def ema_decay_schedule(config) -> Callable[[jax.Array], jax.Array]:
