@@ -75,7 +75,10 @@ def test_paper_config_xla_flops_match_the_analytic_count():
   xla = measure.cost_flops(lowered) / 4
   analytic = flops.training_flops_per_image(config)
   assert 400e9 < analytic < 600e9
-  assert xla == pytest.approx(analytic, rel=0.1), (xla / 1e9, analytic / 1e9)
+  assert xla == pytest.approx(analytic, rel=0.02), (xla / 1e9, analytic / 1e9)
+  # 2% is tight enough to see a part of the backward pass left out of either count: the encoder's backward
+  # alone is more than that.
+  assert 2 * flops.encoder_flops(config) / analytic > 0.02
 
 
 def test_variant_levers():
@@ -151,6 +154,35 @@ def test_interleaved_variants_time_train_and_sampling_steps_in_turns():
     assert r['sample_step_ms'] > 0 and r['sample_batch'] == 2   # every variant, not the first only
     assert r['mfu'] == pytest.approx(r['flops_per_image_analytic'] * r['train_images_per_s'] / 1e10)
   assert records[0]['loss'] == pytest.approx(records[1]['loss'], rel=1e-4)   # the same function
+
+
+def test_interleaved_run_measures_its_peak_and_reports_the_size():
+  """Without --peak_flops the peak is measured (the path every other test skips): the best of the per-round
+  and the quiet matmuls, at the size asked for, and no MFU above it."""
+  config = load('configs/base.py:tiny,stage0')
+  [record] = bench.run_interleaved({'default': config}, steps=2, warmup=0, peak_size=256,
+                                   compiler_options=measure.FAST_COMPILE)
+  assert record['peak_flops_source'] == 'measured' and record['peak_matmul_size'] == 256
+  assert record['peak_flops'] > 0 and 0 < record['mfu'] < 1
+  assert record['mfu'] == pytest.approx(record['flops_per_image_analytic'] * record['train_images_per_s']
+                                        / record['peak_flops'])
+  table = bm.format_table([record])
+  assert f'MFU peak: {record["peak_flops"] / 1e9:.1f} GFLOP/s (the best 256^3 matmul timed in this run)' in table
+
+
+def test_measured_peak_is_the_fastest_call_after_warm_up(monkeypatch):
+  """A scripted clock: two warm-up calls (9 s each, ignored), then 4, 2, 3, 5 and 2.5 s: the peak is 100 FLOP
+  / 2 s, not the median's 100 / 3 s."""
+  clock = [0.0]
+  durations = iter([9.0, 9.0, 4.0, 2.0, 3.0, 5.0, 2.5])
+
+  def call():
+    clock[0] += next(durations)
+    return jnp.zeros(())
+  monkeypatch.setattr(measure, 'matmul_probe', lambda dtype_name, size=None: (call, 100.0))
+  monkeypatch.setattr(measure.time, 'perf_counter', lambda: clock[0])
+  assert measure.measure_peak_flops('float32') == pytest.approx(50.0)
+  assert measure.peak_matmul_size() == (4096 if jax.default_backend() == 'cpu' else 8192)
 
 
 def test_gpu_check_compares_each_variant_with_a_cpu_float32_reference():

@@ -13,6 +13,7 @@ from configs import base
 
 from idenc_jax.data import align, pipeline  # noqa: E402
 from idenc_jax.evaluate import evaluator, generation, protocol  # noqa: E402
+from idenc_jax.evaluate.metrics import frechet  # noqa: E402
 
 from test_personalize import random_params, save_checkpoint, shrink  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -73,6 +74,12 @@ def test_metrics_bookkeeping_against_hand_computation(synthetic_set):
   assert len({len(h) for h in es.held_out}) == 1
   assert ev.metrics(np.stack(es.held_out))['oracle_fd'] == pytest.approx(0.0, abs=1e-6)
   assert m_own['oracle_fd'] > 0      # a subset of the held-out images, not the whole set
+  # ... and, for any set, the distance between the generated images' and every held-out image's oracle embeddings.
+  real = np.concatenate(es.held_out)
+  for gen, m in ((own, m_own), (rolled, m_rolled)):
+    want = frechet.frechet_distance_from_features(ev.oracle.embed(gen.reshape((-1,) + gen.shape[2:])),
+                                                  ev.oracle.embed(real))
+    assert m['oracle_fd'] == pytest.approx(want, rel=1e-9)
 
   # Metrics that do not apply are null with a reason.
   for m in (m_own, m_rolled):

@@ -203,23 +203,48 @@ def test_resize_matches_torch_bilinear():
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
-def test_port_matches_pytorch_reference(tmp_path):
+def _exact_frechet(f1, f2):
+  """Frechet distance of two small feature sets (n << 2048) in closed form: with centred features A [d, n1] and
+  B [d, n2], tr sqrt(S1 S2) is the sum of the singular values of A^T B / sqrt((n1 - 1)(n2 - 1)), an n1 x n2
+  problem, with no square root of a singular 2048 x 2048 matrix."""
+  f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+  a, b = (f1 - f1.mean(0)).T, (f2 - f2.mean(0)).T
+  k1, k2 = len(f1) - 1, len(f2) - 1
+  tr_sqrt = np.linalg.svd(a.T @ b, compute_uv=False).sum() / np.sqrt(k1 * k2)
+  return float(np.sum((f1.mean(0) - f2.mean(0)) ** 2) + (a ** 2).sum() / k1 + (b ** 2).sum() / k2 - 2 * tr_sqrt)
+
+
+def test_port_matches_pytorch_reference_in_padded_batches_and_fid_end_to_end(tmp_path):
   net = _random_reference(0)
   path = tmp_path / 'inception.pth'
   torch.save(net.state_dict(), path)
   assert inception.fid_available(path)
   variables = inception.load_pytorch_fid_weights(path)
 
-  images = np.random.default_rng(1).integers(0, 256, (2, 64, 80, 3), dtype=np.uint8)
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (5, 64, 80, 3), dtype=np.uint8)
+  others = rng.integers(0, 256, (4, 64, 80, 3), dtype=np.uint8) // 2      # darker: a different set
   with torch.no_grad():
-    ref = net(torch.from_numpy(images.astype(np.float32) / 255.0).permute(0, 3, 1, 2)).numpy()
-  ours = inception.InceptionFeatures(variables)(images)
-  assert ours.shape == (2, inception.FEATURE_DIM) and ours.dtype == np.float64
+    ref, ref_others = (net(torch.from_numpy(x.astype(np.float32) / 255.0).permute(0, 3, 1, 2)).numpy().astype(
+        np.float64) for x in (images, others))
+  # Chunks of 2: three batches, the last padded with zeros and cut back.
+  ours = inception.InceptionFeatures(variables, batch_size=2)(images)
+  assert ours.shape == (5, inception.FEATURE_DIM) and ours.dtype == np.float64
   assert np.abs(ref).mean() > 1e-2 and np.abs(ref - ref[::-1]).max() > 1e-3  # non-trivial, input-dependent
   np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
+  # fid() from the images, against the closed form on the reference network's features.
+  want = _exact_frechet(ref, ref_others)
+  assert want > 1e-3
+  assert inception.fid(images, others, variables, batch_size=2) == pytest.approx(want, rel=2e-3)
   # Float input in [-1, 1] reaches the network as the same [0, 1] picture.
   np.testing.assert_allclose(inception.to_unit_range(images.astype(np.float32) / 127.5 - 1.0),
                              images.astype(np.float32) / 255.0, atol=1e-6)
+
+
+def test_exact_frechet_helper_agrees_with_the_library_on_full_rank_features():
+  rng = np.random.default_rng(0)
+  f1, f2 = rng.normal(size=(200, 6)), rng.normal(0.3, 1.5, size=(150, 6))
+  assert _exact_frechet(f1, f2) == pytest.approx(inception.fid_from_features(f1, f2), rel=1e-9)
 
 
 def test_missing_weights_and_bad_files(tmp_path):

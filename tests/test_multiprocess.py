@@ -1,5 +1,6 @@
 """A real 2-process job on localhost (JAX's multi-controller runtime, gloo CPU collectives, one CPU device
-per process) through launch/local_multiprocess.sh trains like one process on the same global batches;
+per process) through launch/local_multiprocess.sh trains like one process on the same global batches (the
+same loss and gradient norm at every step, the same parameters after);
 the launchers are valid shell; the local launcher fails when any process fails.
 """
 
@@ -9,6 +10,7 @@ import subprocess
 import time
 
 import jax
+import numpy as np
 import pytest
 
 from idenc_jax.train import checkpoint as ckpt_lib
@@ -70,6 +72,17 @@ def test_two_processes_match_one_process(two_processes, one_process):
   assert int(state['step']) == STEPS
   first = jax.tree.leaves(state['params'])
   assert any(abs(a - b).max() > 1e-4 for a, b in zip(first, jax.tree.leaves(state['ema_params'])))
+
+
+def test_two_processes_log_the_same_loss_and_gradient_norm_at_every_step(two_processes, one_process):
+  """Adam (with clipping) ignores the gradient's scale, so equal parameters alone would not see a gradient
+  summed instead of averaged over processes; the logged global gradient norm and loss per step do."""
+  got, want = tt.read_scalars(two_processes[0]), tt.read_scalars(one_process)
+  for tag in ('train/loss', 'train/diff_id', 'train/diff_agnostic', 'train/id_loss', 'train/grad_norm'):
+    assert sorted(got[tag]) == sorted(want[tag]) == list(range(1, STEPS + 1)), tag
+    np.testing.assert_allclose([got[tag][s] for s in range(1, STEPS + 1)],
+                               [want[tag][s] for s in range(1, STEPS + 1)], rtol=1e-4, err_msg=tag)
+  assert min(want['train/grad_norm'].values()) > 0
 
 
 def test_all_processes_checkpoint_only_process_0_writes_logs(two_processes):

@@ -142,3 +142,43 @@ def test_oracle_bad_arguments(oracle_setup):
     oracle.embed(queries[:2, ..., :1])
 
 
+
+
+def test_top5_accuracy_by_hand_and_against_a_sort(oracle_setup, monkeypatch):
+  _, oracle, queries, labels = oracle_setup
+  # On heavily degraded images (top-1 well below 1): top-5 = own identity among the 5 nearest, by argsort.
+  rng = np.random.default_rng(7)
+  noisy = np.clip(queries.astype(np.float32) + rng.normal(0, 60, queries.shape), 0, 255)
+  ev = oracle.evaluate(noisy, labels)
+  nearest5 = oracle.identities[np.argsort(oracle.all_distances(noisy), axis=1)[:, :5]]
+  want = (nearest5 == labels[:, None]).any(1).mean()
+  assert ev['accuracy'] < want < 1.0, (ev['accuracy'], want)
+  assert ev['top5_accuracy'] == pytest.approx(want)
+  # Hand-made distances to 7 identities: the own identity ranks 0th, 4th (top-5) and 5th (not top-5).
+  d = np.array([[0.1, 1, 2, 3, 4, 5, 6], [5, 1, 2, 3, 4, 0.5, 6], [6, 1, 2, 3, 4, 5, 0.2]], float) + 1.0
+  d[1, 0], d[2, 6] = 4.5, 6.5           # image 1's identity 0: 4 nearer (rank 4); image 2's identity 6: 5 nearer
+  small = O.IdentityOracle.__new__(O.IdentityOracle)
+  small.identities = np.arange(7)
+  monkeypatch.setattr(small, 'all_distances', lambda images: d)
+  ev = small.evaluate(np.zeros((3, 32, 32, 3), np.uint8), [0, 0, 6])
+  assert ev['accuracy'] == pytest.approx(1 / 3) and ev['top5_accuracy'] == pytest.approx(2 / 3)
+
+
+def test_whitening_gives_unit_within_identity_covariance(oracle_setup):
+  """As the docstring says: the pooled within-identity covariance (the gallery's own spread and the
+  calibration identities', averaged, shrunk towards a multiple of the identity), recomputed here from the raw
+  features, becomes I / D in the embedding."""
+  res, oracle, _, _ = oracle_setup
+  gallery, gallery_labels = S.render_identities(NUM_TEST_IDS, 4, res, seed=0, split='test')
+  feats = O.identity_features(gallery).astype(np.float64)
+  means = np.stack([feats[gallery_labels == k].mean(0) for k in oracle.identities])
+  resid = feats - means[np.searchsorted(oracle.identities, gallery_labels)]
+  within = resid.T @ resid / (len(feats) - NUM_TEST_IDS)
+  cal = O._calibration_residuals(128, 4, int(np.clip(res, factors.MIN_RESOLUTION, 64))).astype(np.float64)
+  cov = (within + cal.T @ cal / (len(cal) - 128)) / 2
+  dim = len(cov)
+  cov = 0.98 * cov + 0.02 * np.trace(cov) / dim * np.eye(dim)
+  w = oracle._whiten.astype(np.float64)
+  np.testing.assert_allclose(w.T @ cov @ w, np.eye(dim) / dim, atol=2e-4 / dim)
+  # The centroids are the identities' mean features, embedded.
+  np.testing.assert_allclose(oracle.centroids, means @ w, rtol=1e-4, atol=1e-5)

@@ -5,13 +5,16 @@ The identity sources here are small arrays whose pixels encode where they came f
 and the left-most column is 255, so every batch row can be traced back to its record and its flip.
 """
 
+import grain
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from PIL import Image
 
 from configs.base import get_config
 from idenc_jax.data import pipeline
+from idenc_jax.data import synthetic
 from idenc_jax.data import prepare as prepare_lib
 from idenc_jax.data import sources as sources_lib
 
@@ -230,8 +233,6 @@ def test_restore_with_worker_processes():
 
 
 def test_orbax_checkpoint_of_the_iterator(tmp_path):
-  grain = pytest.importorskip('grain')
-  ocp = pytest.importorskip('orbax.checkpoint')
   src = _sources()
   config = _config()
   it = pipeline.make_train_iterator(config, process_index=0, process_count=1, sources=src)
@@ -288,7 +289,6 @@ def test_spec_sizes():
 
 
 def test_synthetic_identities_end_to_end():
-  synthetic = pytest.importorskip('idenc_jax.data.synthetic')
   config = get_config('tiny')
   config.data.synthetic_train_identities = 8
   config.data.synthetic_images_per_identity = 4
@@ -349,7 +349,6 @@ def test_eval_identities_of_mixed_prepared_sources(tmp_path):
 
 
 def test_eval_identities_synthetic():
-  synthetic = pytest.importorskip('idenc_jax.data.synthetic')
   config = get_config('tiny')
   out = pipeline.make_eval_identities(config, 'test', max_images=3)
   images, labels = synthetic.render_identities(config.data.synthetic_test_identities,

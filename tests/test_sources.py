@@ -7,6 +7,7 @@ from PIL import Image
 from configs.base import get_config
 from idenc_jax.data import prepare as prepare_lib
 from idenc_jax.data import sources as sources_lib
+from idenc_jax.data import synthetic
 
 R = 8
 
@@ -112,7 +113,6 @@ def test_load_sources_errors(prepared):
 
 
 def test_synthetic_sources():
-  synthetic = pytest.importorskip('idenc_jax.data.synthetic')
   c = get_config('tiny')
   s = sources_lib.load_sources(c, 'train')
   d = c.data

@@ -121,22 +121,6 @@ def test_init_from_a_missing_checkpoint_is_an_error(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # Metrics, config and sample grids of a short stage-1 run.
 # ---------------------------------------------------------------------------------------------------------
-def read_scalars(workdir: str) -> dict[str, dict[int, float]]:
-  """{tag: {step: value}} from the TensorBoard event files of `workdir`."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  out = {}
-  for name in os.listdir(workdir):
-    if not name.startswith('events.out.tfevents'):
-      continue
-    for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
-      for value in event.summary.value:
-        if value.HasField('tensor') and value.metadata.plugin_data.plugin_name == 'scalars':
-          out.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
-        elif value.HasField('simple_value'):
-          out.setdefault(value.tag, {})[event.step] = value.simple_value
-  return out
-
-
 @pytest.fixture(scope='module')
 def short_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('stage1'))
@@ -147,7 +131,7 @@ def short_run(tmp_path_factory):
 
 def test_metrics_are_written_to_tensorboard(short_run):
   _, workdir = short_run
-  scalars = read_scalars(workdir)
+  scalars = tt.read_scalars(workdir)
   for tag in ('loss', 'diff_id', 'diff_agnostic', 'id_loss', 'grad_norm', 'learning_rate',
               'curriculum_p', 'images_per_s', 'step_time_s'):
     assert sorted(scalars[f'train/{tag}']) == [1, 2], tag

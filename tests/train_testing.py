@@ -70,3 +70,19 @@ def run_main(args: list[str], *, env: dict | None = None, timeout: float = 600,
   """`python -m idenc_jax.main ARGS` in a subprocess (inherits the test environment by default)."""
   return subprocess.run([sys.executable, '-m', 'idenc_jax.main', *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def read_scalars(workdir: str) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} from the TensorBoard event files of `workdir`."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  out = {}
+  for name in os.listdir(workdir):
+    if not name.startswith('events.out.tfevents'):
+      continue
+    for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
+      for value in event.summary.value:
+        if value.HasField('tensor') and value.metadata.plugin_data.plugin_name == 'scalars':
+          out.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+        elif value.HasField('simple_value'):
+          out.setdefault(value.tag, {})[event.step] = value.simple_value
+  return out

