@@ -122,6 +122,7 @@ def _paper_config() -> config_dict.ConfigDict:
   dt.num_workers = 0           # grain worker processes (0: in the main process)
   dt.prefetch = 2              # batches prefetched to the device
   dt.random_flip = True
+  dt.max_image_pixels = 50_000_000   # larger reference/condition photos are refused before decoding
   # Synthetic identities (the embedded default).
   dt.synthetic_train_identities = 512
   dt.synthetic_test_identities = 64
@@ -160,7 +161,8 @@ def _paper_config() -> config_dict.ConfigDict:
   c.sample = s = config_dict.ConfigDict()
   s.refs = config_dict.placeholder(str)   # folder of reference photos
   s.num = 8
-  s.out = config_dict.placeholder(str)
+  s.out = config_dict.placeholder(str)   # output folder (default WORKDIR/personalized or WORKDIR/restored)
+  s.overwrite = False          # replace an earlier run's outputs in s.out (else refused before any work)
   s.sampler = 'ddim'           # 'ddpm', 'ddim' or 'dpmpp'
   s.steps = 50
   s.eta = 0.0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import copy
 import importlib.util
+import logging
 import os
 import sys
 from pathlib import Path
@@ -114,9 +115,41 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(1)
 
 
+DEBUG_ENV = 'IDENC_DEBUG'
+
+
+def is_user_error(e: BaseException) -> bool:
+  """Errors that bad input causes (a missing or unreadable file, a wrong value, a full disk, a non-finite
+  result) and that our code raises with a message that says what to do: shown as one line. Anything else is
+  a bug and keeps its traceback."""
+  if isinstance(e, (ValueError, OSError, FloatingPointError)):
+    return True
+  return isinstance(e, RuntimeError) and type(e).__module__.startswith('idenc_jax')
+
+
+def one_line_errors(main):
+  """main(argv), with a user error printed as one line `FATAL <Type>: <message>` and exit status 1 (the full
+  traceback with IDENC_DEBUG=1)."""
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except Exception as e:  # pylint: disable=broad-except
+      if os.environ.get(DEBUG_ENV) or not is_user_error(e):
+        raise
+      message = ' '.join(str(e).split('\n')[0].split())[:600] or repr(e)
+      sys.stderr.write(f'FATAL {type(e).__name__}: {message}  ({DEBUG_ENV}=1 shows the traceback)\n')
+      # os._exit, not sys.exit: at interpreter shutdown orbax's asyncio threads print "Event loop is closed"
+      # tracebacks after the one line. Nothing is left to save here (the loop closed its writers already).
+      logging.shutdown()
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(1)
+  return wrapped
+
+
 def run(main) -> None:
-  """absl.app.run(main) with `parse_flags`."""
-  app.run(main, flags_parser=parse_flags)
+  """absl.app.run(main) with `parse_flags`, user errors as one line (`one_line_errors`)."""
+  app.run(one_line_errors(main), flags_parser=parse_flags)
 
 
 def parse_value(text: Any) -> Any:

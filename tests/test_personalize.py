@@ -224,7 +224,9 @@ def test_error_workdir_without_checkpoint(setup, tmp_path):
   refs.mkdir()
   Image.fromarray(_photos()[0]).save(refs / 'a.png')
   config.sample.refs = str(refs)
+  config.sample.out = None     # the default, WORKDIR/personalized (an earlier test set it)
   untrained = tmp_path / 'untrained'
   untrained.mkdir()
   with pytest.raises(FileNotFoundError, match=f'Workdir {untrained} has no checkpoint'):
     sample_mode.sample_from_config(config, str(untrained))
+  assert os.listdir(untrained) == []   # nothing made before the error

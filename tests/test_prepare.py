@@ -87,8 +87,8 @@ def test_tree_counts_skip_reasons_and_records(tree, tmp_path):
   assert (te['identities'], te['images']) == (1, 5)
   assert tr['identity_names'] == ['alice', 'bob'] and tr['identity_counts'] == [5, 5]
   assert te['identity_names'] == ['dave'] and te['identity_counts'] == [5]
-  assert index['skipped']['images'] == {'not_an_image': 1, 'unreadable': 1, 'truncated': 1, 'no_face': 0,
-                                        'missing': 0}
+  assert index['skipped']['images'] == {'not_an_image': 1, 'unreadable': 1, 'truncated': 1, 'too_large': 0,
+                                        'no_face': 0, 'missing': 0}
   assert index['skipped']['identities'] == {'too_few_images': 1}
   assert index['skipped']['images_in_dropped_identities'] == 3
   assert sorted(index['skipped']['examples']) == sorted(

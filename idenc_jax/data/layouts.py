@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from idenc_jax.data import images as images_lib
 from idenc_jax.data.images import IMAGE_EXTENSIONS
 from idenc_jax.data.records import SPLIT_NAMES
 
@@ -38,8 +39,9 @@ class Item:
   payload: Path | np.ndarray | None   # None: listed but missing
 
 
-def load_item(item: Item) -> tuple[Image.Image | None, str | None]:
-  """Decodes an item to an RGB PIL image, or returns the skip reason."""
+def load_item(item: Item, max_pixels: int = images_lib.MAX_IMAGE_PIXELS) -> tuple[Image.Image | None, str | None]:
+  """Decodes an item to an RGB PIL image (any mode, deeper samples scaled: images.rgb_array), or returns the
+  skip reason; an image over `max_pixels` is 'too_large', refused before its pixels are decoded."""
   if item.payload is None:
     return None, 'missing'
   if isinstance(item.payload, np.ndarray):
@@ -55,11 +57,19 @@ def load_item(item: Item) -> tuple[Image.Image | None, str | None]:
   try:
     with Image.open(path) as im:
       try:
+        images_lib.check_pixels(im.size, str(path), max_pixels)
+      except images_lib.ImageReadError:
+        return None, 'too_large'
+      try:
         im.load()
       except (OSError, SyntaxError, ValueError) as e:
         return None, 'truncated' if 'truncated' in str(e).lower() else 'unreadable'
       im = ImageOps.exif_transpose(im)
-      return im.convert('RGB'), None
+      return Image.fromarray(images_lib.rgb_array(im, str(path))), None
+  except Image.DecompressionBombError:
+    return None, 'too_large'
+  except images_lib.ImageReadError:
+    return None, 'unreadable'
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
     return None, 'unreadable'
 

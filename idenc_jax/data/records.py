@@ -40,7 +40,7 @@ INDEX_FILE = 'index.json'
 # The names a prepared split may carry besides 'train' and 'test': input sub-folders with these names are
 # kept as splits of their own.
 SPLIT_NAMES = frozenset({'train', 'test', 'val', 'validation'})
-IMAGE_SKIP_REASONS = ('not_an_image', 'unreadable', 'truncated', 'no_face', 'missing')
+IMAGE_SKIP_REASONS = ('not_an_image', 'unreadable', 'truncated', 'too_large', 'no_face', 'missing')
 RECORD_FORMAT = ('<i label><H name length><name utf-8><encoded image>; label -1 = unlabelled; records '
                  'grouped by identity in identity_names order')
 _HEADER = struct.Struct('<iH')

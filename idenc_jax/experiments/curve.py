@@ -81,7 +81,9 @@ def train_variant(config, workdir: str) -> dict[str, float]:
     raise ValueError(f'{workdir} holds checkpoints but no clock.json (a stopped curve run): its wall times '
                      'are lost; delete the folder to train the variant again.')
   clock, t0 = {}, time.time()
-  loop.train_and_evaluate(config, workdir, on_checkpoint=lambda step: clock.__setitem__(str(step), time.time() - t0))
+  # Interrupted (Ctrl-C or SIGTERM) propagates: the variants after this one must not start.
+  loop.train_and_evaluate(config, workdir, on_checkpoint=lambda step: clock.__setitem__(str(step), time.time() - t0),
+                          raise_on_signal=True)
   with open(path, 'w') as f:
     json.dump(clock, f, indent=2)
   return clock

@@ -45,6 +45,13 @@ def load_workdir_params(workdir: str, hint: str) -> dict:
     raise FileNotFoundError(f'Workdir {workdir} has no checkpoint; {hint}. ({e})') from e
 
 
+def check_seeds(seeds) -> None:
+  """Seeds are integers in [0, 2**32): jax keys take 32 bits, so 2**32 would silently repeat seed 0."""
+  seeds = np.asarray(seeds)
+  if seeds.size and (not np.issubdtype(seeds.dtype, np.integer) or seeds.min() < 0 or seeds.max() >= 2 ** 32):
+    raise ValueError(f'Seeds must be integers in [0, 2**32), got {seeds.tolist()[:10]}.')
+
+
 def map_in_chunks(fn: Callable[[np.ndarray], np.ndarray], n: int, chunk: int) -> np.ndarray:
   """fn(indices) over range(n) in chunks of equal size (the last padded by repeating index n - 1, its padding
   dropped), concatenated: equal shapes let one compiled sampler serve every chunk."""
@@ -112,7 +119,8 @@ class Personalizer:
     align = self.config.sample.align if align is None else align
     if align and self._aligner is None:
       self._aligner = align_lib.FaceAligner(size=self.resolution)
-    return load_references(images, self.resolution, align=align, aligner=self._aligner)
+    return load_references(images, self.resolution, align=align, aligner=self._aligner,
+                           max_pixels=self.config.data.max_image_pixels)
 
   def encode(self, images: ImageLike | Sequence[ImageLike], *, align: bool | None = None) -> np.ndarray:
     """Per-reference encoder outputs Enc(y_j): [R, D] float32."""
@@ -174,6 +182,10 @@ class Personalizer:
     zs = np.asarray(zs, np.float32)
     if zs.ndim != 2 or zs.shape[1] != self.embed_dim:
       raise ValueError(f'Embeddings must have shape [I, {self.embed_dim}], got {zs.shape}.')
+    if not np.isfinite(zs).all():
+      bad = sorted(set(np.nonzero(~np.isfinite(zs))[0].tolist()))
+      raise ValueError(f'Embedding(s) {bad[:10]} contain NaN or inf (in float32): nothing to generate from; '
+                       're-embed the references (a damaged checkpoint gives non-finite embeddings).')
     r = self.resolution
     if conditions is not None and (np.ndim(conditions) != 4 or np.shape(conditions)[:3] != (len(zs), r, r)):
       raise ValueError(f'conditions must have shape [{len(zs)}, {r}, {r}, C], got {np.shape(conditions)}.')
@@ -182,11 +194,16 @@ class Personalizer:
     seeds = np.arange(len(zs)) if seeds is None else np.asarray(seeds)
     if seeds.shape != (len(zs),):
       raise ValueError(f'seeds must have one entry per embedding ({len(zs)}), got shape {seeds.shape}.')
+    check_seeds(seeds)
     rngs = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
     fn = self._generate_fn(num, sampler, steps, eta, context is not None, project, guidance)
     gen = self.params['generator'] if generator_params is None else generator_params
-    out = fn(gen, jnp.asarray(zs), rngs, None if context is None else jnp.asarray(context),
-             None if conditions is None else jnp.asarray(conditions, jnp.float32))
+    out = np.asarray(fn(gen, jnp.asarray(zs), rngs, None if context is None else jnp.asarray(context),
+                        None if conditions is None else jnp.asarray(conditions, jnp.float32)))
+    if not np.isfinite(out).all():
+      raise FloatingPointError(f'The sampler produced NaN or inf for embedding(s) '
+                               f'{sorted(set(np.nonzero(~np.isfinite(out))[0].tolist()))[:10]}: the embedding is '
+                               'far outside what the encoder gives, or the parameters are damaged.')
     return images_lib.to_uint8(out)
 
   def generate(self, z: np.ndarray, num: int, *, sampler: str = 'ddim', steps: int | None = 50, eta: float = 0.0,

@@ -43,8 +43,13 @@ def _expand(images: ImageLike | Sequence[ImageLike]) -> tuple[list[Any], list[st
     return [images], [os.fspath(images)]
   if isinstance(images, Image.Image):
     return [images], ['reference #0']
-  if isinstance(images, np.ndarray) and images.ndim in (2, 3) and not (images.ndim == 3 and images.shape[-1] > 4):
-    return [images], ['reference #0']
+  if isinstance(images, np.ndarray):
+    channels_ok = images.ndim >= 3 and images.shape[-1] in (1, 3, 4)
+    if images.ndim == 2 or (images.ndim == 3 and channels_ok):
+      return [images], ['reference #0']
+    if images.ndim != 4 or not channels_ok:
+      raise ValueError(f'A reference array of shape {images.shape} is ambiguous: give one image [H, W] or '
+                       '[H, W, 1|3|4], or a batch [N, H, W, 1|3|4].')
   items = list(images)
   if not items:
     raise ValueError('No reference images given: embed() needs at least one.')
@@ -52,11 +57,12 @@ def _expand(images: ImageLike | Sequence[ImageLike]) -> tuple[list[Any], list[st
   return items, names
 
 
-def _to_rgb(item: Any, name: str) -> np.ndarray:
+def _to_rgb(item: Any, name: str, max_pixels: int) -> np.ndarray:
   if isinstance(item, (str, os.PathLike)):
-    return images_lib.read_rgb(item, 'reference image')
+    return images_lib.read_rgb(item, 'reference image', max_pixels)
   if isinstance(item, Image.Image):
-    return np.asarray(item.convert('RGB'))
+    images_lib.check_pixels(item.size, name, max_pixels)
+    return images_lib.rgb_array(item, name)
   try:
     return align_lib.as_rgb_uint8(np.asarray(item))
   except ValueError as e:
@@ -64,20 +70,21 @@ def _to_rgb(item: Any, name: str) -> np.ndarray:
 
 
 def load_references(images: ImageLike | Sequence[ImageLike], resolution: int, *, align: bool = False,
-                    aligner: Any = None) -> np.ndarray:
+                    aligner: Any = None, max_pixels: int = images_lib.MAX_IMAGE_PIXELS) -> np.ndarray:
   """References (a folder, paths, PIL images or uint8 arrays of any size, colour or grey) ->
   uint8 [R, resolution, resolution, 3].
 
   align: cut the largest face out with dlib as the training data was prepared (FaceAligner; `aligner` reuses
   one); a reference without a detectable face is a ValueError naming it. Otherwise the largest centred
-  square is taken. Either way the result is resized to `resolution` with Lanczos.
+  square is taken. Either way the result is resized to `resolution` with Lanczos. Files and PIL images of
+  any mode are read by `images.rgb_array` (16-bit scaled, not clipped); one over `max_pixels` is refused.
   """
   items, names = _expand(images)
   if align and aligner is None:
     aligner = align_lib.FaceAligner(size=resolution)
   out = []
   for item, name in zip(items, names):
-    rgb = _to_rgb(item, name)
+    rgb = _to_rgb(item, name, max_pixels)
     if align:
       aligned = aligner.align(rgb)
       if aligned is None:
@@ -93,6 +100,9 @@ def save_embedding(path: str | os.PathLike, z: np.ndarray) -> None:
   z = np.asarray(z, np.float32)
   if z.ndim != 1:
     raise ValueError(f'An identity embedding is a vector [D], got shape {z.shape}.')
+  if not np.all(np.isfinite(z)):
+    raise ValueError(f'Not saving {os.fspath(path)}: the embedding contains NaN or inf (a damaged checkpoint or '
+                     'reference?).')
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   np.save(path, z)
 

@@ -92,7 +92,7 @@ class Restorer:
     im = images_lib.open_image(image, 'Degraded input image') if isinstance(image, (str, os.PathLike)) else image
     arr = np.asarray(im)
     if deg.task == 'sr':
-      rgb = np.asarray(Image.fromarray(arr).convert('RGB')) if arr.ndim == 2 or arr.shape[-1] != 3 else arr
+      rgb = images_lib.rgb_array(im if isinstance(im, Image.Image) else Image.fromarray(arr), 'Degraded input image')
       return deg.condition_from_low_resolution(rgb[None])[0]
     if arr.shape[:2] != (r, r):
       raise ValueError(f'An inpainting input must be {r}x{r} px (the model resolution), got '
@@ -111,7 +111,7 @@ class Restorer:
       if m.shape != (r, r):
         raise ValueError(f'The mask must be {r}x{r} px, got {m.shape[1]}x{m.shape[0]}.')
       hole = m > (127 if m.dtype == np.uint8 else 0.5)
-    rgb = np.asarray(Image.fromarray(arr).convert('RGB'))
+    rgb = images_lib.rgb_array(Image.fromarray(arr), 'Degraded input image')
     return degrade_lib.inpaint_condition(rgb[None], hole[None])[0]
 
   def show(self, conditions: np.ndarray) -> np.ndarray:

@@ -27,15 +27,17 @@ OUT/embedding.npy; OUT defaults to WORKDIR/restored. `sample.consistent` (True i
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import tempfile
 
 import numpy as np
 from PIL import Image
 
 from idenc_jax.data import images as images_lib
 from idenc_jax.diffusion import samplers
-from idenc_jax.personalize.personalizer import Personalizer
+from idenc_jax.personalize.personalizer import Personalizer, check_seeds
 from idenc_jax.personalize.references import load_embedding, load_references, save_embedding
 from idenc_jax.personalize.restorer import Restorer
 
@@ -47,11 +49,39 @@ def read_identity(config) -> tuple[np.ndarray | None, np.ndarray | None]:
   if not s.refs:
     raise ValueError('config.sample.refs is not set: give a folder of reference photos or a saved .npy '
                      'embedding (--config.sample.refs=PATH).')
-  if str(s.refs).endswith('.npy'):
+  if str(s.refs).lower().endswith('.npy'):
     return load_embedding(s.refs, config.model.embed_dim), None
   if not os.path.exists(s.refs):
     raise FileNotFoundError(f'config.sample.refs not found: {s.refs}')
-  return None, load_references(s.refs, config.model.resolution, align=s.align)
+  return None, load_references(s.refs, config.model.resolution, align=s.align,
+                               max_pixels=config.data.max_image_pixels)
+
+
+# What one run writes into its output folder; an earlier run's are replaced only with sample.overwrite.
+OUTPUT_PATTERNS = ('sample_*.png', 'restored_*.png', 'input.png', 'grid.png', 'embedding.npy')
+
+
+def prepare_output_dir(out_dir: str, overwrite: bool) -> None:
+  """Before any work: `out_dir` (or the folder it will be made in) is writable and holds no earlier run's
+  outputs (removed first with `overwrite`; other files are never touched)."""
+  existing = os.path.abspath(out_dir)
+  while not os.path.exists(existing):   # created only when the outputs are written
+    existing = os.path.dirname(existing)
+  try:
+    if not os.path.isdir(existing):
+      raise NotADirectoryError(20, f'{existing} is a file')
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as e:
+    raise PermissionError(f'Cannot write to the output folder {out_dir} ({e.strerror}); choose another with '
+                          '--config.sample.out.') from None
+  earlier = sorted(p for pattern in OUTPUT_PATTERNS for p in glob.glob(os.path.join(glob.escape(out_dir), pattern)))
+  if earlier and not overwrite:
+    raise FileExistsError(f'{out_dir} already holds {len(earlier)} outputs of an earlier run (e.g. '
+                          f'{os.path.basename(earlier[0])}); pass --config.sample.overwrite=True to replace them, '
+                          'or choose another --config.sample.out.')
+  for p in earlier:
+    os.remove(p)
 
 
 def sampler_steps(config) -> int | None:
@@ -92,7 +122,9 @@ def sample_from_config(config, workdir: str) -> dict:
   in config.sample.out (default WORKDIR/personalized). Returns the written paths."""
   s = config.sample
   z, refs = read_identity(config)
+  check_seeds([s.seed])
   out_dir = s.out or os.path.join(workdir, 'personalized')
+  prepare_output_dir(out_dir, s.overwrite)
   p = Personalizer.from_workdir(config, workdir)
   if refs is not None:
     z = p.embed(refs, align=False)   # already aligned and resized
@@ -111,13 +143,16 @@ def restore_from_config(config, workdir: str) -> dict:
     raise ValueError('config.sample.condition is not set: give the degraded input image (or a clean one with '
                      '--config.sample.condition_is_clean=True).')
   z, refs = read_identity(config)   # references first: a bad photo fails before the checkpoint is read
+  check_seeds([s.seed])
   out_dir = s.out or os.path.join(workdir, 'restored')
   r = config.model.resolution
-  image = images_lib.open_image(s.condition, 'config.sample.condition')
+  image = images_lib.open_image(s.condition, 'config.sample.condition', config.data.max_image_pixels)
+  prepare_output_dir(out_dir, s.overwrite)
   restorer = Restorer.from_workdir(config, workdir)
   clean = None
   if s.condition_is_clean:
-    clean = np.asarray(images_lib.center_crop_resize(image.convert('RGB'), r))[None]
+    rgb = Image.fromarray(images_lib.rgb_array(image, f'config.sample.condition {s.condition}'))
+    clean = np.asarray(images_lib.center_crop_resize(rgb, r))[None]
     cond = restorer.degrade(clean, seed=s.seed)
   else:
     cond = restorer.condition_from_input(image, s.mask)[None]

@@ -1,6 +1,7 @@
 """train_and_evaluate: the training loop (mesh, input, state, compiled step, checkpoints, metrics, samples)."""
 
 import io
+import json
 import logging
 import signal
 import threading
@@ -30,6 +31,10 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
+class Interrupted(RuntimeError):
+  """Training stopped on SIGTERM or Ctrl-C, with a checkpoint (train_and_evaluate(raise_on_signal=True))."""
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Input: a background thread takes batches from grain and puts them on the devices ahead of the step.
 # ---------------------------------------------------------------------------------------------------------
@@ -45,7 +50,7 @@ class DevicePrefetcher(prefetch_lib.Prefetcher):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Preemption: SIGTERM sets a flag; the loop saves and exits at the next step boundary.
+# Preemption: SIGTERM or Ctrl-C sets a flag; the loop saves and exits at the next step boundary.
 # ---------------------------------------------------------------------------------------------------------
 def _agreed(flag: bool, step: int, every: int) -> bool:
   """`flag` on one process; with several, true on all when any has it. Every process must stop at the same
@@ -58,22 +63,33 @@ def _agreed(flag: bool, step: int, every: int) -> bool:
 
 
 class PreemptionFlag:
+  """SIGTERM and the first SIGINT (Ctrl-C) set `requested`; the loop saves and stops at the next step boundary.
+
+  Handling SIGINT here, rather than letting Python raise KeyboardInterrupt wherever the main thread happens to
+  be, keeps the interrupt from landing in (and being swallowed by) a JAX callback. A second Ctrl-C stops at once.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self._previous = {}
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
   def _handle(self, signum, frame):
-    logging.warning('SIGTERM received: saving a checkpoint and exiting.')
+    if signum == signal.SIGINT and self.requested:
+      raise KeyboardInterrupt
+    logging.warning('%s received: saving a checkpoint and exiting%s.', signal.Signals(signum).name,
+                    ' (Ctrl-C again to stop at once)' if signum == signal.SIGINT else '')
     self.requested = True
 
   def check(self, step: int, every: int) -> bool:
     return _agreed(self.requested, step, every)
 
   def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
 class TimeBudget:
@@ -138,17 +154,48 @@ def initial_state(config, mesh, checkpointer, data_position):
   create = lambda r: state_lib.create_train_state(config, r)  # one function: traced once, below
   abstract = jax.eval_shape(create, rng)
   shardings = sharding_lib.state_shardings(abstract, mesh)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    logging.info('Resuming from the workdir checkpoint at step %d.', latest)
+  saved = checkpointer.step_dirs()
+  if saved:
     abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract, shardings)
-    return checkpointer.restore(latest, abstract_sharded, data_position), shardings
+
+    def resume(step_dir):
+      check_resumable(config, abstract.params, step_dir, checkpointer.workdir)
+      logging.info('Resuming from the workdir checkpoint at step %s.', step_dir.name)
+      return checkpointer.restore(int(step_dir.name), abstract_sharded, data_position)
+    # A damaged newest step (a truncated file, flipped bytes) falls back to the one before, with a warning; the
+    # damaged ones are set aside (not deleted), as training will save at their step numbers again.
+    damaged = []
+    state = ckpt_lib.newest_readable(saved, resume, f'checkpoint in {checkpointer.workdir}', damaged)
+    if damaged:
+      checkpointer.set_aside(damaged)
+    return state, shardings
 
   state = jax.jit(create, out_shardings=shardings)(rng)
   if config.init_from:
     state = _init_from_earlier_stage(config, state)
   return state, shardings
+
+
+def check_resumable(config, abstract_params, step_dir, workdir: str) -> None:
+  """IncompatibleCheckpointError (a ValueError), before anything is restored or written, when the checkpoint at
+  `step_dir` holds another model than `config` builds: it names the first differing parameter and the config
+  fields that differ from the run's config.json."""
+  want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(abstract_params)}
+  got = ckpt_lib.saved_shapes(str(step_dir))
+  bad = next((k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)), None)
+  if bad is None:
+    return
+  fields = ''
+  saved = epath.Path(workdir) / 'config.json'
+  if saved.exists():
+    old = _flat(json.loads(saved.read_text()))
+    new = _flat(json.loads(config.to_json_best_effort()))
+    diff = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    fields = f'; config fields changed since config.json: {", ".join(diff[:6]) or "none"}'
+  raise ckpt_lib.IncompatibleCheckpointError(
+      f'{workdir} holds a checkpoint of another model: params{bad} is {got.get(bad)} there but {want.get(bad)} in '
+      f'this config{fields}. Train in a new --workdir, or pass the config the checkpoint was trained with.')
 
 
 def _init_from_earlier_stage(config, state: state_lib.TrainState) -> state_lib.TrainState:
@@ -192,23 +239,25 @@ def _mean_metrics(pending: list) -> tuple[dict, int | None]:
   return out, (bad[0] if bad else None)
 
 
-def train_and_evaluate(config, workdir: str, *, on_checkpoint=None) -> state_lib.TrainState:
+def train_and_evaluate(config, workdir: str, *, on_checkpoint=None,
+                       raise_on_signal: bool = False) -> state_lib.TrainState:
   """Trains per `config`, writing checkpoints, TensorBoard logs and sample grids under `workdir`.
 
   Resumes from the workdir's latest checkpoint when there is one. Raises NonFiniteLossError (after
   keeping the last good checkpoint) when a step's loss or gradient is not finite. With
   `config.train.time_budget_minutes` > 0 it stops (with a checkpoint) at the first step past that wall time,
   counted from this call. on_checkpoint(step): called after each checkpoint is written (e.g. to time it).
+  SIGTERM or Ctrl-C saves a checkpoint and returns, or with `raise_on_signal` raises Interrupted (for callers
+  that would otherwise go on to other work, such as the next variant of a curve).
   """
   t_call = time.time()
   workdir = ckpt_lib.absolute(workdir)  # a local path or a URL (gs://...) all hosts can write
   is_main = jax.process_index() == 0
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  if is_main:
-    _write_config(config, workdir)
   tc = config.train
   # Installed first: a preemption during start-up (compilation takes a while) still ends cleanly.
   preemption = PreemptionFlag()
+  finished = False   # the loop returned normally (else a save error while closing must not hide its error)
   checkpointer = None
   prefetcher = None
   writer = None
@@ -223,6 +272,8 @@ def train_and_evaluate(config, workdir: str, *, on_checkpoint=None) -> state_lib
     # ---- State: resume, init_from or fresh. ----
     checkpointer = ckpt_lib.Checkpointer(workdir, save_every=tc.checkpoint_every, keep=tc.keep_checkpoints)
     state, shardings = initial_state(config, mesh, checkpointer, data_position)
+    if is_main:   # only once a checkpoint (if any) has been found compatible: it records how the model trained
+      _write_config(config, workdir)
     start_step = int(state.step)
     if start_step >= tc.num_steps:
       logging.info('The workdir holds step %d >= train.num_steps=%d: nothing to train.', start_step,
@@ -287,6 +338,7 @@ def train_and_evaluate(config, workdir: str, *, on_checkpoint=None) -> state_lib
       report(step)
       if step % tc.log_every == 0 or step == tc.num_steps:
         flush_metrics(step)
+        checkpointer.check_for_errors()
       out_of_time = step < tc.num_steps and time_budget.check(step, tc.log_every)
       if step % tc.checkpoint_every == 0 or step == tc.num_steps or out_of_time:
         flush_metrics(step)  # never checkpoint a state whose steps have not been checked
@@ -309,16 +361,19 @@ def train_and_evaluate(config, workdir: str, *, on_checkpoint=None) -> state_lib
         if checkpointer.latest_step() != step:
           checkpointer.save(step, state, position, force=True)
         logging.warning('Preempted at step %d: checkpoint saved, exiting.', step)
+        if raise_on_signal:
+          raise Interrupted(f'Training in {workdir} was interrupted at step {step} (checkpoint saved).')
         break
       if step < tc.num_steps:
         batch, position = prefetcher.next()
+    finished = True
     return state
   finally:
     if prefetcher is not None:
       prefetcher.close()
     preemption.restore()
     if checkpointer is not None:
-      checkpointer.close()  # waits for the asynchronous saves
+      checkpointer.close(raise_errors=finished)  # waits for the asynchronous saves
     if writer is not None:
       writer.flush()
 
