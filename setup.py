@@ -15,6 +15,8 @@ setup(
     version='0.1.0',
     description='Identity Encoder for Personalized Diffusion: training, sampling and evaluation in JAX/Flax.',
     packages=find_packages(include=['idenc_jax', 'idenc_jax.*', 'configs']),
+    # The shipped pretrained model (Personalizer.from_pretrained()): weights, config and model card.
+    package_data={'idenc_jax': ['pretrained/*/*']},
     python_requires='>=3.11',
     install_requires=requirements,
 )

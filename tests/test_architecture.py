@@ -20,7 +20,7 @@ ALLOWED = {
     'data': {'cli', 'configs'},
     'diffusion': {'models'},
     'train': {'models', 'data', 'diffusion'},
-    'personalize': {'models', 'data', 'diffusion', 'train'},
+    'personalize': {'models', 'data', 'diffusion', 'train', 'configs'},   # configs: a run's config.json over defaults
     'evaluate': {'models', 'data', 'diffusion', 'train', 'personalize'},
     'perf': {'models', 'data', 'diffusion', 'train', 'cli', 'configs'},
     'experiments': {'models', 'data', 'diffusion', 'train', 'personalize', 'evaluate', 'cli', 'configs'},

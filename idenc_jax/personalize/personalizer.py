@@ -31,6 +31,7 @@ from idenc_jax.data import align as align_lib
 from idenc_jax.data import images as images_lib
 from idenc_jax.diffusion import consistency, guidance as guidance_lib, samplers, schedules
 from idenc_jax.diffusion import generate as generate_lib
+from idenc_jax.personalize import pretrained as pretrained_lib
 from idenc_jax.personalize.references import ImageLike, load_references
 from idenc_jax.train import checkpoint as ckpt_lib
 from idenc_jax.train import state as state_lib
@@ -108,9 +109,19 @@ class Personalizer:
     self._aligner = None
 
   @classmethod
-  def from_workdir(cls, config, workdir: str) -> 'Personalizer':
-    """EMA parameters of the latest checkpoint in `workdir` (FileNotFoundError naming it when none)."""
+  def from_workdir(cls, config, workdir: str | None = None) -> 'Personalizer':
+    """EMA parameters of the latest checkpoint in `workdir` (FileNotFoundError naming it when none).
+    `from_workdir(workdir)` reads the config the run wrote (WORKDIR/config.json), as from_pretrained does."""
+    if workdir is None:
+      return cls.from_pretrained(config)
     params = load_workdir_params(workdir, f'train first (python -m idenc_jax.main --mode=train --workdir={workdir})')
+    return cls(config, params)
+
+  @classmethod
+  def from_pretrained(cls, path: str | None = None) -> 'Personalizer':
+    """A model with the config it was trained with: the shipped weights (no argument), an exported folder
+    (`pretrained.export`) or a training workdir. References are aligned when its training faces were."""
+    config, params = pretrained_lib.load(path)
     return cls(config, params)
 
   # ---- References -> embedding. ----
