@@ -37,10 +37,11 @@ def initialize_distributed():
 
 
 class _QuietLibraries(logging.logging.Filter):
-  """Drops the INFO chatter of orbax and grain (every save logs dozens of lines); warnings pass."""
+  """Drops the INFO chatter of orbax and grain (every save logs dozens of lines) and of JAX's backend search
+  (no TPU found); warnings pass."""
 
   def filter(self, record):
-    noisy = '/orbax/' in record.pathname or '/grain/' in record.pathname
+    noisy = any(part in record.pathname for part in ('/orbax/', '/grain/', '/jax/_src/xla_bridge'))
     return not noisy or record.levelno >= logging.logging.WARNING
 
 

@@ -20,6 +20,7 @@ import pytest
 from idenc_jax.data import pipeline
 from idenc_jax.train import checkpoint as ckpt_lib
 from idenc_jax.train import loop
+from idenc_jax.train import run_control
 
 import train_testing as tt
 
@@ -92,7 +93,7 @@ def _wait_for_step(process: subprocess.Popen, log: list[str]) -> int:
   """Reads the log (absl writes it to stderr) until the first 'step S/N' line; returns S."""
   for line in process.stderr:
     log.append(line)
-    if '] step ' in line and f'/{N}: loss' in line:
+    if '] step ' in line and f'/{N} | loss' in line:
       return int(line.split('] step ')[1].split('/')[0])
   process.wait()
   raise AssertionError(f'no step logged (exit {process.returncode}):\n' + ''.join(log[-30:]))
@@ -167,4 +168,4 @@ def test_time_budget_stops_with_a_checkpoint_and_resumes_exactly(uninterrupted, 
   loop.train_and_evaluate(config_for(), workdir)
   assert_same_state(workdir, uninterrupted, N)
   with pytest.raises(ValueError, match='time_budget_minutes'):
-    loop.TimeBudget(-1.0, 0.0)
+    run_control.TimeBudget(-1.0, 0.0)

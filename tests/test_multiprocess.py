@@ -58,7 +58,7 @@ def test_two_processes_form_one_job(two_processes):
   for i, text in enumerate(logs):
     assert f'JAX process {i}/2, local devices: [CpuDevice(id=' in text
     assert "Mesh {'data': 2, 'fsdp': 1} over 2 devices (2 processes)" in text
-    assert f'step {STEPS}/{STEPS}: loss' in text
+    assert f'step {STEPS}/{STEPS} | loss' in text
 
 
 def test_two_processes_match_one_process(two_processes, one_process):

@@ -7,6 +7,7 @@ missing modes clearly.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -259,3 +260,25 @@ def test_learning_rate_schedule_matches_its_formula(kind):
 def test_unknown_learning_rate_schedule_is_named():
   with pytest.raises(ValueError, match='train.lr_schedule'):
     state_lib.learning_rate_schedule(tt.tiny_config('tiny', **{'train.lr_schedule': 'cosin'}))
+
+
+def test_console_is_one_line_per_log_point_with_an_eta(tmp_path):
+  """The main job's console (tiny config, 4 steps, a log point every step): one `step | loss | img/s | ETA` line
+  per log point, the parameter table in WORKDIR/parameters.txt and not on the console, no metric or
+  hyperparameter line from the TensorBoard writer, no line twice."""
+  result = tt.run_main(['--config=configs/base.py:tiny', f'--workdir={tmp_path}'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  # absl's Python log lines (TensorFlow's C++ start-up notices, printed on its import, are not ours).
+  ours = [line for line in (result.stdout + result.stderr).splitlines()
+          if re.match(r'[IWEF]\d{4} [\d:.]+ +\d+ [\w.]+\.py:\d+\] ', line)]
+  progress = [line for line in ours if re.search(r'\] step \d/4 \| loss \d+\.\d{4} \| [\d.]+ img/s \| ETA \d+s$', line)]
+  assert [int(re.search(r'step (\d)/', line).group(1)) for line in progress] == [1, 2, 3, 4]
+  text = result.stdout + result.stderr
+  for noise in ('train/loss=', 'Hyperparameters', 'Setting work unit notes', '| Name ', '+----', 'libtpu'):
+    assert noise not in text, noise
+  logged = [line.split('] ', 1)[1] for line in ours]
+  assert len(logged) == len(set(logged)), 'a line printed twice'
+  assert len(logged) <= 12, logged           # start-up, parameters, compile, memory, 4 steps, a checkpoint note
+  assert 'Parameters: encoder ' in text and 'parameters.txt' in text
+  table = (tmp_path / 'parameters.txt').read_text()
+  assert '| Name ' in table and 'generator/' in table and 'encoder/' in table

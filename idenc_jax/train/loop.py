@@ -3,14 +3,12 @@
 import io
 import json
 import logging
-import signal
-import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from clu import metric_writers, parameter_overview, periodic_actions
+from clu import metric_writers, parameter_overview
 from etils import epath
 from jax.experimental import multihost_utils
 from PIL import Image
@@ -22,6 +20,7 @@ from idenc_jax.diffusion import generate as generate_lib
 from idenc_jax.diffusion import samplers, schedules
 from idenc_jax.train import checkpoint as ckpt_lib
 from idenc_jax.train import prefetch as prefetch_lib
+from idenc_jax.train.run_control import ETA, PreemptionFlag, TimeBudget, format_duration
 from idenc_jax.train import sharding as sharding_lib
 from idenc_jax.train import state as state_lib
 from idenc_jax.train import step as step_lib
@@ -47,63 +46,6 @@ class DevicePrefetcher(prefetch_lib.Prefetcher):
       position = ckpt_lib.DataPosition(iterator)
       return sharding_lib.global_batch(local, mesh), position
     super().__init__(take, depth)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Preemption: SIGTERM or Ctrl-C sets a flag; the loop saves and exits at the next step boundary.
-# ---------------------------------------------------------------------------------------------------------
-def _agreed(flag: bool, step: int, every: int) -> bool:
-  """`flag` on one process; with several, true on all when any has it. Every process must stop at the same
-  step, and agreeing costs a host sync, so several processes compare only every `every` steps."""
-  if jax.process_count() > 1:
-    if step % every:
-      return False
-    return bool(multihost_utils.process_allgather(np.array(flag)).any())
-  return flag
-
-
-class PreemptionFlag:
-  """SIGTERM and the first SIGINT (Ctrl-C) set `requested`; the loop saves and stops at the next step boundary.
-
-  Handling SIGINT here, rather than letting Python raise KeyboardInterrupt wherever the main thread happens to
-  be, keeps the interrupt from landing in (and being swallowed by) a JAX callback. A second Ctrl-C stops at once.
-  """
-
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.requested = False
-    self._previous = {}
-    if threading.current_thread() is threading.main_thread():
-      self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-
-  def _handle(self, signum, frame):
-    if signum == signal.SIGINT and self.requested:
-      raise KeyboardInterrupt
-    logging.warning('%s received: saving a checkpoint and exiting%s.', signal.Signals(signum).name,
-                    ' (Ctrl-C again to stop at once)' if signum == signal.SIGINT else '')
-    self.requested = True
-
-  def check(self, step: int, every: int) -> bool:
-    return _agreed(self.requested, step, every)
-
-  def restore(self):
-    for sig, previous in self._previous.items():
-      signal.signal(sig, previous)
-
-
-class TimeBudget:
-  """config.train.time_budget_minutes: true once the wall time since `start` exceeds it (never when 0)."""
-
-  def __init__(self, minutes: float, start: float):
-    if minutes < 0:
-      raise ValueError(f'config.train.time_budget_minutes must be >= 0 (0: no budget), got {minutes}.')
-    self.seconds = 60.0 * minutes
-    self.start = start
-
-  def check(self, step: int, every: int) -> bool:
-    # Clocks differ across hosts: _agreed makes them stop at the same step.
-    return bool(self.seconds) and _agreed(time.time() - self.start >= self.seconds, step, every)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -279,10 +221,14 @@ def train_and_evaluate(config, workdir: str, *, on_checkpoint=None,
       logging.info('The workdir holds step %d >= train.num_steps=%d: nothing to train.', start_step,
                    tc.num_steps)
       return state
-    # Statistics need every shard on this host; across hosts only shapes and shardings are listed.
-    parameter_overview.log_parameter_overview(state.params, include_stats=jax.process_count() == 1,
-                                              jax_logging_process=0)
-    logging.info('Parameters: %s.', {k: state_lib.count_params(v) for k, v in state.params.items()})
+    # The per-array table goes to a file, one summary line to the console. Statistics need every shard on this
+    # host; across hosts only shapes are listed.
+    if is_main:
+      table = parameter_overview.get_parameter_overview(state.params, include_stats=jax.process_count() == 1)
+      (epath.Path(workdir) / 'parameters.txt').write_text(table + '\n')
+    counts = {k: state_lib.count_params(v) for k, v in state.params.items()}
+    logging.info('Parameters: %s (per array: %s/parameters.txt).',
+                 ', '.join(f'{k} {n:,}' for k, n in counts.items()), workdir)
 
     # ---- The compiled step: jitted once, ahead of the loop, so compile time and memory are logged. ----
     optimizer = state_lib.make_optimizer(config, state.params)
@@ -303,13 +249,15 @@ def train_and_evaluate(config, workdir: str, *, on_checkpoint=None,
                    mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20)
 
     # ---- Metrics and samples: only process 0 writes files. ----
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+    # TensorBoard only (the console has its own one line per log point); hyperparameters there and in config.json.
+    writer = (metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir)) if is_main
+              else metric_writers.MultiWriter([]))
     writer.write_hparams(_flat(config.to_dict()))
-    report = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
     grids = SampleGrid(config)
     time_budget = TimeBudget(tc.time_budget_minutes, t_call)
     pending, last_log = [], time.time()
     step = start_step
+    eta = ETA(start_step, tc.num_steps, time_budget)
 
     def flush_metrics(step):
       nonlocal pending, last_log
@@ -326,8 +274,8 @@ def train_and_evaluate(config, workdir: str, *, on_checkpoint=None,
       means['images_per_s'] = len(pending) * tc.batch_size / dt
       means['step_time_s'] = dt / len(pending)
       writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
-      logging.info('step %d/%d: loss %.4f, %.1f img/s', step, tc.num_steps, means['loss'],
-                   means['images_per_s'])
+      logging.info('step %d/%d | loss %.4f | %.1f img/s | ETA %s', step, tc.num_steps, means['loss'],
+                   means['images_per_s'], format_duration(eta(step)))
       pending, last_log = [], time.time()
 
     while step < tc.num_steps:
@@ -335,7 +283,6 @@ def train_and_evaluate(config, workdir: str, *, on_checkpoint=None,
         state, metrics = compiled(state, batch)
       pending.append(metrics)
       step += 1
-      report(step)
       if step % tc.log_every == 0 or step == tc.num_steps:
         flush_metrics(step)
         checkpointer.check_for_errors()
