@@ -6,6 +6,7 @@ Parses flags, optionally joins a multi-host job, and hands over to one importabl
 import importlib
 import importlib.util
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
@@ -106,6 +107,26 @@ def main(argv):
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(), jax.process_count(),
                jax.local_devices())
   mode_function(FLAGS.mode, config.stage)(config, FLAGS.workdir)
+
+
+def _with_mode(mode: str) -> None:
+  sys.argv[1:1] = [f'--mode={mode}']   # a --mode the user gives comes later and wins
+  cli.run(main)
+
+
+def train_command() -> None:
+  """`idenc-train ...`: `python -m idenc_jax.main --mode=train ...`."""
+  _with_mode('train')
+
+
+def sample_command() -> None:
+  """`idenc-sample ...`: `python -m idenc_jax.main --mode=sample ...`."""
+  _with_mode('sample')
+
+
+def eval_command() -> None:
+  """`idenc-eval ...`: `python -m idenc_jax.main --mode=eval ...`."""
+  _with_mode('eval')
 
 
 if __name__ == '__main__':

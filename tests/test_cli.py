@@ -1,5 +1,7 @@
 """The one config path of every command line: `--config=configs/base.py[:variant]` from any directory."""
 
+import ast
+import importlib
 import os
 import subprocess
 import sys
@@ -47,3 +49,20 @@ def test_misspelt_override_is_one_line_from_another_directory(tmp_path):
   assert bad.returncode == 1
   assert 'no such config field: --config.model.resolutoin=8' in bad.stderr
   assert 'Traceback' not in bad.stderr
+
+
+def test_console_commands_resolve_and_set_their_mode(tmp_path):
+  """setup.py's console scripts name importable functions; idenc-sample runs the sample mode (its missing
+  references are the sample mode's one-line error)."""
+  tree = ast.parse(open(os.path.join(REPO, 'setup.py')).read())
+  scripts = next(ast.literal_eval(node.value) for node in tree.body
+                 if isinstance(node, ast.Assign) and node.targets[0].id == 'CONSOLE_SCRIPTS')
+  assert {s.split(' = ')[0] for s in scripts} >= {'idenc-train', 'idenc-sample', 'idenc-eval', 'idenc-prepare'}
+  for script in scripts:
+    module, function = script.split(' = ')[1].split(':')
+    assert callable(getattr(importlib.import_module(module), function)), script
+  code = ('import sys; from idenc_jax.main import sample_command; sys.argv = ["idenc-sample", '
+          f'"--config=configs/base.py:tiny", "--workdir={tmp_path}", "--config.sample.refs={tmp_path}/none"]; '
+          'sample_command()')
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and 'FATAL FileNotFoundError: config.sample.refs not found' in result.stderr

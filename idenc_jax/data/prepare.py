@@ -395,6 +395,11 @@ def _main(argv: list[str], holders: dict[str, flags.FlagHolder]) -> None:
   prepare(**{name: holder.value for name, holder in holders.items()})
 
 
+def console_main() -> None:
+  """`python -m idenc_jax.data.prepare` and the `idenc-prepare` command."""
+  holders = _define_flags()
+  app.run(cli.one_line_errors(lambda argv: _main(argv, holders)))
+
+
 if __name__ == '__main__':
-  _FLAGS = _define_flags()
-  app.run(cli.one_line_errors(lambda argv: _main(argv, _FLAGS)))
+  console_main()

@@ -225,6 +225,11 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
              weights=guidance_lib.parse_guidance_sweep(f.guidance), max_steps=f.max_steps)
 
 
-if __name__ == '__main__':
+def console_main() -> None:
+  """`python -m idenc_jax.experiments.curve` and its console command."""
   define_flags()
   cli.run(main)
+
+
+if __name__ == '__main__':
+  console_main()

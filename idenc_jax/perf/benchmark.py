@@ -262,6 +262,11 @@ def main(argv) -> None:
   run_from_flags()   # app.run exits with what main returns: None, not the record
 
 
-if __name__ == '__main__':
+def console_main() -> None:
+  """`python -m idenc_jax.perf.benchmark` and its console command."""
   define_flags()
   cli.run(main)
+
+
+if __name__ == '__main__':
+  console_main()
