@@ -167,7 +167,7 @@ def test_cli_writes_samples_grid_embedding_and_reuses_npy(setup, tmp_path):
   paths = sample_mode.sample_from_config(config, workdir)
   r, n = config.model.resolution, config.sample.num
   files = sorted(os.listdir(tmp_path / 'out'))
-  assert files == ['embedding.npy', 'grid.png'] + [f'sample_{i:03d}.png' for i in range(n)]
+  assert files == ['embedding.npy', 'embedding.npy.json', 'grid.png'] + [f'sample_{i:03d}.png' for i in range(n)]
   first = np.stack([np.asarray(Image.open(f)) for f in paths['samples']])
   assert first.shape == (n, r, r, 3)
   # The saved embedding is the encoder mean of the (PNG round-tripped) photos.

@@ -105,3 +105,18 @@ def test_references_are_aligned_when_the_training_faces_were(tmp_path):
   assert pretrained.config_from_json(tmp_path / 'config.json').sample.align is True
   config.data.identity_sources = 'synthetic'
   assert not pretrained.trained_on_aligned_faces(config)
+
+
+def test_embedding_files_record_their_model_and_another_model_refuses_them(trained, tmp_path):
+  config, params, _ = trained
+  mine, other = Personalizer(config, params), Personalizer(config, random_params(config, seed=1))
+  assert mine.fingerprint == Personalizer(config, params).fingerprint != other.fingerprint
+  z = mine.embed(np.full((16, 16, 3), 100, np.uint8))
+  path = str(tmp_path / 'me.npy')
+  mine.save_embedding(path, z)
+  assert json.loads(open(path + '.json').read()) == {'model': mine.fingerprint, 'embed_dim': config.model.embed_dim}
+  np.testing.assert_array_equal(mine.load_embedding(path), z)
+  with pytest.raises(ValueError, match='was made by another model .* embed the reference photos again'):
+    other.load_embedding(path)
+  os.remove(path + '.json')                        # a file without a record (older, or made by hand) is taken
+  np.testing.assert_array_equal(other.load_embedding(path), z)

@@ -311,8 +311,8 @@ def test_sample_mode_checks_its_output_folder_before_any_work(tmp_path, trained)
   assert (out / 'sample_000.png').read_bytes() == b'earlier run'
   result = tt.run_main(_sample_args(workdir, refs, out, '--config.sample.overwrite=True'))
   assert result.returncode == 0, result.stderr[-2000:]
-  assert sorted(p.name for p in out.iterdir()) == ['embedding.npy', 'grid.png', 'mine.txt', 'sample_000.png',
-                                                  'sample_001.png']
+  assert sorted(p.name for p in out.iterdir()) == ['embedding.npy', 'embedding.npy.json', 'grid.png', 'mine.txt',
+                                                  'sample_000.png', 'sample_001.png']
   # An upper-case .NPY is an embedding, not an image.
   os.rename(out / 'embedding.npy', tmp_path / 'ME.NPY')
   result = tt.run_main(_sample_args(workdir, tmp_path / 'ME.NPY', tmp_path / 'out_npy'))

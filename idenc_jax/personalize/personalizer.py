@@ -19,6 +19,7 @@ Conditional tasks (stage 2, `restorer.Restorer`) pass condition tokens to `gener
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,7 +33,7 @@ from idenc_jax.data import images as images_lib
 from idenc_jax.diffusion import consistency, guidance as guidance_lib, samplers, schedules
 from idenc_jax.diffusion import generate as generate_lib
 from idenc_jax.personalize import pretrained as pretrained_lib
-from idenc_jax.personalize.references import ImageLike, load_references
+from idenc_jax.personalize.references import ImageLike, load_embedding, load_references, save_embedding
 from idenc_jax.train import checkpoint as ckpt_lib
 from idenc_jax.train import state as state_lib
 
@@ -107,6 +108,7 @@ class Personalizer:
       _COMPILED[self._key, 'encode'] = jax.jit(lambda p, x: encoder.apply({'params': p}, x))
     self._encode = _COMPILED[self._key, 'encode']
     self._aligner = None
+    self._fingerprint = None
 
   @classmethod
   def from_workdir(cls, config, workdir: str | None = None) -> 'Personalizer':
@@ -123,6 +125,27 @@ class Personalizer:
     (`pretrained.export`) or a training workdir. References are aligned when its training faces were."""
     config, params = pretrained_lib.load(path)
     return cls(config, params)
+
+  @property
+  def fingerprint(self) -> str:
+    """A short id of this model's parameters (sha256 of the generator's and encoder's arrays), recorded beside
+    saved embeddings so that another model refuses them."""
+    if self._fingerprint is None:
+      digest = hashlib.sha256()
+      for part in ('encoder', 'generator'):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(self.params[part]):
+          digest.update(jax.tree_util.keystr(path).encode())
+          digest.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
+      self._fingerprint = digest.hexdigest()[:16]
+    return self._fingerprint
+
+  def save_embedding(self, path: str, z: np.ndarray) -> None:
+    """references.save_embedding with this model's record."""
+    save_embedding(path, z, model=self.fingerprint)
+
+  def load_embedding(self, path: str) -> np.ndarray:
+    """references.load_embedding, refusing an embedding of another model."""
+    return load_embedding(path, self.embed_dim, model=self.fingerprint)
 
   # ---- References -> embedding. ----
   def preprocess(self, images: ImageLike | Sequence[ImageLike], *, align: bool | None = None) -> np.ndarray:

@@ -7,6 +7,7 @@ largest centred square is taken; then it is resized to the model resolution with
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -95,8 +96,14 @@ def load_references(images: ImageLike | Sequence[ImageLike], resolution: int, *,
   return np.stack(out)
 
 
-def save_embedding(path: str | os.PathLike, z: np.ndarray) -> None:
-  """Saves an identity embedding [D] as float32 .npy (reusable without the photos)."""
+def model_record_path(path: str | os.PathLike) -> str:
+  """The JSON beside an embedding file that names the model it came from: ME.npy -> ME.npy.json."""
+  return os.fspath(path) + '.json'
+
+
+def save_embedding(path: str | os.PathLike, z: np.ndarray, model: str | None = None) -> None:
+  """Saves an identity embedding [D] as float32 .npy (reusable without the photos); with `model` (a Personalizer's
+  fingerprint) also the record of the model that made it, which load_embedding checks."""
   z = np.asarray(z, np.float32)
   if z.ndim != 1:
     raise ValueError(f'An identity embedding is a vector [D], got shape {z.shape}.')
@@ -105,10 +112,30 @@ def save_embedding(path: str | os.PathLike, z: np.ndarray) -> None:
                      'reference?).')
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   np.save(path, z)
+  if model is not None:
+    with open(model_record_path(path), 'w') as f:
+      json.dump({'model': model, 'embed_dim': int(z.shape[0])}, f)
 
 
-def load_embedding(path: str | os.PathLike, embed_dim: int | None = None) -> np.ndarray:
-  """Loads an embedding saved by `save_embedding`; checks it is a finite vector of `embed_dim` entries."""
+def check_embedding_model(path: str | os.PathLike, model: str) -> None:
+  """ValueError when the embedding file's record names another model than `model` (a file without a record, e.g.
+  one written by hand, is taken as it is)."""
+  record = model_record_path(path)
+  if not os.path.isfile(record):
+    return
+  try:
+    with open(record) as f:
+      theirs = json.load(f).get('model')
+  except (OSError, ValueError, AttributeError) as e:
+    raise ValueError(f'Cannot read {record}, the record of the model that made {os.fspath(path)}: {e}') from e
+  if theirs != model:
+    raise ValueError(f'{os.fspath(path)} was made by another model ({theirs}, per {record}) than this one ({model}): '
+                     'embeddings of different models are not interchangeable; embed the reference photos again.')
+
+
+def load_embedding(path: str | os.PathLike, embed_dim: int | None = None, model: str | None = None) -> np.ndarray:
+  """Loads an embedding saved by `save_embedding`; checks it is a finite vector of `embed_dim` entries and, with
+  `model`, that it came from that model."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'Embedding file not found: {path}')
@@ -121,4 +148,6 @@ def load_embedding(path: str | os.PathLike, embed_dim: int | None = None) -> np.
     raise ValueError(f'Embedding {path} has shape {z.shape}; this model takes {want} (config.model.embed_dim).')
   if not np.all(np.isfinite(z)):
     raise ValueError(f'Embedding {path} contains NaN or inf.')
+  if model is not None:
+    check_embedding_model(path, model)
   return z.astype(np.float32)

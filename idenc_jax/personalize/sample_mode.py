@@ -38,7 +38,7 @@ from PIL import Image
 from idenc_jax.data import images as images_lib
 from idenc_jax.diffusion import samplers
 from idenc_jax.personalize.personalizer import Personalizer, check_seeds
-from idenc_jax.personalize.references import load_embedding, load_references, save_embedding
+from idenc_jax.personalize.references import check_embedding_model, load_embedding, load_references, save_embedding
 from idenc_jax.personalize.restorer import Restorer
 
 
@@ -58,7 +58,7 @@ def read_identity(config) -> tuple[np.ndarray | None, np.ndarray | None]:
 
 
 # What one run writes into its output folder; an earlier run's are replaced only with sample.overwrite.
-OUTPUT_PATTERNS = ('sample_*.png', 'restored_*.png', 'input.png', 'grid.png', 'embedding.npy')
+OUTPUT_PATTERNS = ('sample_*.png', 'restored_*.png', 'input.png', 'grid.png', 'embedding.npy', 'embedding.npy.json')
 
 
 def prepare_output_dir(out_dir: str, overwrite: bool) -> None:
@@ -103,8 +103,10 @@ def references_and_samples_grid(references: np.ndarray | None, samples: np.ndarr
   return np.concatenate([pad(left), np.full((h, gap, 3), 255, np.uint8), pad(right)], axis=1)
 
 
-def write_outputs(out_dir: str, samples: np.ndarray, z: np.ndarray, references: np.ndarray | None) -> dict:
-  """Writes sample_NNN.png, grid.png and embedding.npy into out_dir; returns their paths."""
+def write_outputs(out_dir: str, samples: np.ndarray, z: np.ndarray, references: np.ndarray | None,
+                  model: str | None = None) -> dict:
+  """Writes sample_NNN.png, grid.png and embedding.npy (with its model record) into out_dir; returns their
+  paths."""
   os.makedirs(out_dir, exist_ok=True)
   paths = []
   for i, img in enumerate(samples):
@@ -113,7 +115,7 @@ def write_outputs(out_dir: str, samples: np.ndarray, z: np.ndarray, references: 
   grid = os.path.join(out_dir, 'grid.png')
   Image.fromarray(references_and_samples_grid(references, samples)).save(grid)
   emb = os.path.join(out_dir, 'embedding.npy')
-  save_embedding(emb, z)
+  save_embedding(emb, z, model=model)
   return {'samples': paths, 'grid': grid, 'embedding': emb}
 
 
@@ -128,8 +130,10 @@ def sample_from_config(config, workdir: str) -> dict:
   p = Personalizer.from_workdir(config, workdir)
   if refs is not None:
     z = p.embed(refs, align=False)   # already aligned and resized
+  else:
+    check_embedding_model(s.refs, p.fingerprint)
   samples = p.generate(z, s.num, sampler=s.sampler, steps=sampler_steps(config), eta=s.eta, seed=s.seed)
-  paths = write_outputs(out_dir, samples, z, refs)
+  paths = write_outputs(out_dir, samples, z, refs, model=p.fingerprint)
   logging.info('Wrote %d samples (%s, %s steps, seed %d) from %s to %s.', s.num, s.sampler, s.steps, s.seed,
                s.refs, out_dir)
   return paths
@@ -158,6 +162,8 @@ def restore_from_config(config, workdir: str) -> dict:
     cond = restorer.condition_from_input(image, s.mask)[None]
   if refs is not None:
     z = restorer.personalizer.embed(refs, align=False)
+  else:
+    check_embedding_model(s.refs, restorer.personalizer.fingerprint)
   steps = sampler_steps(config)
   restored = restorer.restore(z, cond, s.num, sampler=s.sampler, steps=steps, eta=s.eta, seed=s.seed,
                               consistent=s.consistent)[0]
@@ -175,7 +181,7 @@ def restore_from_config(config, workdir: str) -> dict:
   paths['grid'] = os.path.join(out_dir, 'grid.png')
   Image.fromarray(grid).save(paths['grid'])
   paths['embedding'] = os.path.join(out_dir, 'embedding.npy')
-  save_embedding(paths['embedding'], z)
+  save_embedding(paths['embedding'], z, model=restorer.personalizer.fingerprint)
   logging.info('Restored %s (%s) %d times with %s into %s.', s.condition, config.stage2.task, s.num, s.refs,
                out_dir)
   return paths
