@@ -46,6 +46,7 @@ from idenc_jax.data import align as align_lib
 from idenc_jax.data import images as images_lib
 from idenc_jax.data import layouts as layouts_lib
 from idenc_jax.data import records as records_lib
+from idenc_jax.data import splits as splits_lib
 from idenc_jax.data import staging
 
 _MAX_EXAMPLES = 200   # skipped files listed by name in the index
@@ -86,32 +87,6 @@ class _Kept:
   identity: str | None
   name: str
   staging_index: int
-
-
-def _parse_test_dirs(test_dirs: str | Sequence[str] | None) -> list[str] | None:
-  if test_dirs is None or (isinstance(test_dirs, str) and not test_dirs.strip()):
-    return None
-  if isinstance(test_dirs, str):
-    if os.path.isfile(test_dirs):
-      return [ln.strip() for ln in Path(test_dirs).read_text().splitlines() if ln.strip()]
-    return [s.strip().rstrip('/').split('/')[-1] for s in test_dirs.split(',') if s.strip()]
-  return list(test_dirs)
-
-
-def _split_identities(names: list[str], test_names: list[str] | None, test_fraction: float,
-                      seed: int) -> dict[str, list[str]]:
-  """Identity-level train/test split; `names` are the kept identities."""
-  if test_names is not None:
-    test = set(test_names)
-    return {'train': [n for n in names if n not in test], 'test': [n for n in names if n in test]}
-  if not 0.0 <= test_fraction < 1.0:
-    raise ValueError(f'test_fraction must be in [0, 1), got {test_fraction}.')
-  n_test = int(round(test_fraction * len(names)))
-  if test_fraction > 0 and n_test == 0 and len(names) >= 2:
-    n_test = 1
-  order = np.random.default_rng(seed).permutation(len(names))
-  test = {names[i] for i in order[:n_test]}
-  return {'train': [n for n in names if n not in test], 'test': [n for n in names if n in test]}
 
 
 def _progress(done: int, total: int | None, start: float, log: Callable[[str], None]) -> None:
@@ -163,7 +138,7 @@ def prepare(input_dir: str | os.PathLike | None, output: str | os.PathLike, *, l
   if layout != 'tfds':
     if root is None or not root.is_dir():
       raise FileNotFoundError(f'Input folder {input_dir} not found.')
-  test_names = _parse_test_dirs(test_dirs)
+  test_names = splits_lib.parse_test_dirs(test_dirs)
 
   # Gather the inputs.
   inputs = layouts_lib.list_inputs(layout, root, split_dirs=split_dirs, identity_file=identity_file,
@@ -240,7 +215,7 @@ def prepare(input_dir: str | os.PathLike | None, output: str | os.PathLike, *, l
           unknown = sorted(set(test_names) - set(by_identity))
           if unknown:
             raise ValueError(f'test_dirs names identities not in the input: {unknown[:10]}.')
-        splits = _split_identities(eligible, test_names, test_fraction, seed)
+        splits = splits_lib.split_identities(eligible, test_names, test_fraction, seed)
         if not splits['test']:
           del splits['test']
     else:
@@ -389,16 +364,15 @@ def _define_flags() -> dict[str, flags.FlagHolder]:
   }
 
 
-def _main(argv: list[str], holders: dict[str, flags.FlagHolder]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  prepare(**{name: holder.value for name, holder in holders.items()})
-
-
 def console_main() -> None:
   """`python -m idenc_jax.data.prepare` and the `idenc-prepare` command."""
   holders = _define_flags()
-  app.run(cli.one_line_errors(lambda argv: _main(argv, holders)))
+
+  def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    prepare(**{name: holder.value for name, holder in holders.items()})
+  app.run(cli.one_line_errors(main))
 
 
 if __name__ == '__main__':
