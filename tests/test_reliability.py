@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import base
 from idenc_jax.data import images as images_lib
 from idenc_jax.data import layouts as layouts_lib
 from idenc_jax.data import prepare as prepare_lib
@@ -24,13 +23,12 @@ from idenc_jax.train import checkpoint as ckpt_lib
 from idenc_jax.train import loop
 
 import train_testing as tt
-from test_personalize import random_params, save_checkpoint, shrink  # noqa: E402
+from test_personalize import _config as personalize_config  # noqa: E402
+from test_personalize import random_params, save_checkpoint  # noqa: E402
 
 
 def _config():
-  c = base.get_config('tiny')
-  shrink(c)
-  c.sample.steps = 2
+  c = personalize_config()   # the shrunk tiny model of the personalization tests, 2 samples
   c.sample.num = 2
   return c
 

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from flax import serialization
 from ml_collections import config_dict
@@ -66,7 +67,7 @@ def trained_on_aligned_faces(config) -> bool:
 
 def save_params(path: str | os.PathLike, params: dict[str, Any]) -> None:
   """Writes a parameter tree ({'generator', 'encoder'}) as msgpack, float32."""
-  tree = {part: _to_numpy(params[part]) for part in ('generator', 'encoder')}
+  tree = {part: jax.tree.map(lambda a: np.asarray(a, np.float32), params[part]) for part in ('generator', 'encoder')}
   Path(path).write_bytes(serialization.msgpack_serialize(tree))
 
 
@@ -78,12 +79,6 @@ def load_params(path: str | os.PathLike) -> dict[str, Any]:
     raise ValueError(f'{path} is not a parameter file written by save_params ({type(e).__name__}).') from e
   ckpt_lib.check_finite(params, f'{path} ')
   return params
-
-
-def _to_numpy(tree):
-  if isinstance(tree, dict):
-    return {k: _to_numpy(v) for k, v in tree.items()}
-  return np.asarray(tree, np.float32)
 
 
 def load(path: str | os.PathLike | None = None) -> tuple[config_dict.ConfigDict, dict[str, Any]]:
