@@ -19,6 +19,7 @@ CONSOLE_SCRIPTS = [
     'idenc-prepare = idenc_jax.data.prepare:console_main',
     'idenc-curve = idenc_jax.experiments.curve:console_main',
     'idenc-benchmark = idenc_jax.perf.benchmark:console_main',
+    'idenc-demo = idenc_jax.demo:console_main',
 ]
 
 setup(
@@ -33,6 +34,8 @@ setup(
     install_requires=_requirements('requirements.txt'),
     extras_require={
         'test': _requirements('requirements-test.txt'),   # pip install -e '.[test]'
+        'demo': ['gradio>=5,<7'],                          # the web demo (python -m idenc_jax.demo)
+        'eval': ['torch'],                                 # FID: reads pytorch-fid's InceptionV3 weights
         'cuda': ['jax[cuda12]'],                           # NVIDIA GPUs
         'tpu': ['jax[tpu]'],                               # Cloud TPU VMs
     },

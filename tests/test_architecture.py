@@ -16,14 +16,16 @@ PACKAGE = ROOT / 'idenc_jax'
 # personalize / evaluate; models and diffusion sit below everything, perf and experiments above.
 ALLOWED = {
     'cli': set(),
+    'progress': set(),
     'models': set(),
-    'data': {'cli', 'configs'},
+    'data': {'cli', 'progress', 'configs'},
     'diffusion': {'models'},
     'train': {'models', 'data', 'diffusion'},
-    'personalize': {'models', 'data', 'diffusion', 'train', 'configs'},   # configs: a run's config.json over defaults
-    'evaluate': {'models', 'data', 'diffusion', 'train', 'personalize'},
+    'personalize': {'models', 'data', 'diffusion', 'train', 'progress', 'configs'},   # configs: a run's config.json
+    'evaluate': {'models', 'data', 'diffusion', 'train', 'personalize', 'progress'},
     'perf': {'models', 'data', 'diffusion', 'train', 'cli', 'configs'},
-    'experiments': {'models', 'data', 'diffusion', 'train', 'personalize', 'evaluate', 'cli', 'configs'},
+    'experiments': {'models', 'data', 'diffusion', 'train', 'personalize', 'evaluate', 'cli', 'progress', 'configs'},
+    'demo': {'models', 'data', 'diffusion', 'personalize', 'cli', 'progress', 'configs'},
     'main': {'cli'},   # the modes' modules are imported by name at run time
 }
 MAX_LINES = 400

@@ -193,3 +193,18 @@ def test_evaluate_writes_report(tmp_path):
   assert 'Identity guidance' in md and 'Number of references R' in md
   files = os.listdir(os.path.join(workdir, 'eval'))
   assert 'samples.png' in files and any(f.startswith('events.out.tfevents') for f in files)
+  # Which way is better, per metric, in the metrics table and in every sweep table's last row.
+  assert '| oracle_id_accuracy | ' in md and '| higher |' in md and '| oracle_fd | ' in md
+  assert md.count('| *better* |') == 3
+  # The history: eval/step_7 keeps this evaluation; eval/ holds the latest, byte for byte the same.
+  for name in ('metrics.json', 'metrics.md', 'samples.png'):
+    with open(os.path.join(workdir, 'eval', 'step_7', name), 'rb') as a, \
+        open(os.path.join(workdir, 'eval', name), 'rb') as b:
+      assert a.read() == b.read(), name
+  # A later checkpoint's evaluation replaces the latest and keeps the earlier one.
+  save_checkpoint(config, random_params(config, seed=1), workdir, step=9)
+  config.eval.sweep = config.eval.guidance_sweep = config.eval.reference_sweep = ''
+  later = generation.evaluate_generation(config, workdir)
+  assert later['settings']['checkpoint_step'] == 9
+  assert json.load(open(os.path.join(workdir, 'eval', 'metrics.json')))['settings']['checkpoint_step'] == 9
+  assert json.load(open(os.path.join(workdir, 'eval', 'step_7', 'metrics.json'))) == saved

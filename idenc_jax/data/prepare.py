@@ -41,7 +41,7 @@ import numpy as np
 from array_record.python import array_record_module as ar
 from PIL import Image
 
-from idenc_jax import cli
+from idenc_jax import cli, progress
 from idenc_jax.data import align as align_lib
 from idenc_jax.data import images as images_lib
 from idenc_jax.data import layouts as layouts_lib
@@ -176,10 +176,12 @@ def prepare(input_dir: str | os.PathLike | None, output: str | os.PathLike, *, l
     examples: list[list[str]] = []
     start = last = time.time()
     workers = num_workers or os.cpu_count() or 1
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    bar = progress.bar(desc='preparing', unit='img', total=total)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool, bar:
       done = 0
       for item, (encoded, reason) in _ordered_map(pool, processor, items, window=8 * workers):
         done += 1
+        bar.update(1)
         if encoded is None:
           skipped_images[reason] += 1
           if len(examples) < _MAX_EXAMPLES:
@@ -187,7 +189,7 @@ def prepare(input_dir: str | os.PathLike | None, output: str | os.PathLike, *, l
         else:
           writer.write(records_lib.pack_record(-1, item.name, encoded))
           kept.append(_Kept(item.identity, item.name, len(kept)))
-        if time.time() - last > 5.0:
+        if bar.disable and time.time() - last > 5.0:   # a log line where no bar shows
           last = time.time()
           _progress(done, total, start, log)
     writer.close()

@@ -17,7 +17,7 @@ def generate(generator, generator_params, schedule: schedules.NoiseSchedule, z: 
              rng: jax.Array, *, num: int, sampler: str = 'ddim', num_steps: int = 50, eta: float = 0.0,
              start_t: int | None = None, context: jax.Array | None = None, clip: bool = True,
              condition: jax.Array | None = None, project: consistency.Projector | None = None,
-             guidance: float = 1.0, prediction: str = 'eps') -> jax.Array:
+             guidance: float = 1.0, prediction: str = 'eps', on_step=None) -> jax.Array:
   """num images of one identity: z [D] (or None for the unconditional generator) -> [num, R, R, 3].
 
   start_t: the sampler's first timestep (None: T - 1; see `samplers`, `config.diffusion.sample_start_t`).
@@ -26,6 +26,8 @@ def generate(generator, generator_params, schedule: schedules.NoiseSchedule, z: 
   guidance: identity guidance weight w (`diffusion.guidance`; 1: none), applied before the projection; the
   condition tokens stay in both branches, only z is dropped. prediction: what the generator outputs
   (`diffusion.objectives`; config.diffusion.prediction), converted to the noise the samplers use.
+  on_step: a host function called with no arguments at each sampler step (`jax.debug.callback`, e.g. a
+  progress bar's `progress.advance`); it takes no traced value, so under vmap it still runs once per step.
   """
   r = generator.resolution
   rng_x, rng_s = jax.random.split(rng)
@@ -36,6 +38,8 @@ def generate(generator, generator_params, schedule: schedules.NoiseSchedule, z: 
 
   def model_fn(x, t, null):
     # x holds num images, or 2 * num when guidance doubles the batch: z and context follow its size.
+    if on_step is not None:
+      jax.debug.callback(on_step)
     b = x.shape[0]
     z_b = None if z is None else jnp.broadcast_to(z, (b,) + z.shape[-1:])
     ctx = None if context is None else jnp.broadcast_to(context, (b,) + context.shape[-2:])

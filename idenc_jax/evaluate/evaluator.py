@@ -45,6 +45,15 @@ from idenc_jax.evaluate.protocol import EvalSet
 METRICS = ('id_score', 'fd_face', 'fid', 'lpips', 'diversity', 'oracle_id_accuracy', 'oracle_chance')
 EXTRAS = ('oracle_fd', 'oracle_distance', 'oracle_top5_accuracy', 'no_face_generated', 'no_face_real', 'face_rate',
           'id_accuracy', 'id_chance')
+# Which way each metric is better, for every table the reports write.
+BETTER = {
+    'id_score': 'lower', 'fd_face': 'lower', 'fid': 'lower', 'lpips': 'lower',
+    'diversity': 'higher (near the real images\')', 'oracle_id_accuracy': 'higher', 'oracle_chance': 'chance level',
+    'oracle_fd': 'lower', 'oracle_distance': 'lower', 'oracle_top5_accuracy': 'higher', 'no_face_generated': 'lower',
+    'no_face_real': 'count', 'face_rate': 'higher', 'id_accuracy': 'higher', 'id_chance': 'chance level',
+    'pixel_mse': 'lower', 'psnr': 'higher', 'hole_mse': 'lower', 'sample_seconds': 'lower',
+    'model_calls': 'fewer', 'steps': '', 'personalize_seconds': 'lower', 'compile_seconds': 'lower',
+}
 MIN_FACE_RATE = 0.5   # below this fraction of real test images with a face, dlib metrics are meaningless
 
 

@@ -8,8 +8,8 @@ which includes compiling that sampler unless an earlier run already did). `confi
 `config.eval.reference_sweep` (e.g. '1,2,4,8', the paper's Fig. 7) for each reference count R
 (`reference_sweep`): the first R of the same references, against the same held-out images, so rows differ
 only in R. The main run and both sweeps use `config.eval.guidance` unless they vary it.
-Outputs: eval/metrics.json (metrics, `sweep`, `settings`), eval/metrics.md, eval/samples.png, and
-TensorBoard scalars under `eval/` in WORKDIR/eval.
+Outputs: eval/step_N/{metrics.json (metrics, `sweep`, `settings`), metrics.md, samples.png} for checkpoint N,
+copied to eval/ as the latest evaluation, and TensorBoard scalars under `eval/` in WORKDIR/eval.
 """
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ def samples_grid(eval_set: EvalSet, generated: np.ndarray, max_rows: int = 8) ->
 
 def run_protocol(config, personalizer, eval_set: EvalSet, evaluator: Evaluator, *, sampler: str,
                  steps: int | None, generator_params: Any = None, zs: np.ndarray | None = None,
-                 eta: float = 0.0, guidance: float = 1.0) -> tuple[dict[str, Any], np.ndarray]:
+                 eta: float = 0.0, guidance: float = 1.0, desc: str = 'eval') -> tuple[dict[str, Any], np.ndarray]:
   """Embeds, generates G images per identity and measures them: (metrics + timings, generated)."""
   t0 = time.perf_counter()
   zs = embed_eval_set(personalizer, eval_set) if zs is None else zs
   t1 = time.perf_counter()
   gen = generate_for_eval(personalizer, zs, config.eval.num_generated, sampler=sampler, steps=steps,
-                          seed=config.seed, generator_params=generator_params, eta=eta, guidance=guidance)
+                          seed=config.seed, generator_params=generator_params, eta=eta, guidance=guidance, desc=desc)
   t2 = time.perf_counter()
   m = evaluator.metrics(gen)
   m.update(embed_seconds=t1 - t0, sample_seconds=t2 - t1, metric_seconds=time.perf_counter() - t2)
@@ -83,7 +83,8 @@ def evaluate_generation(config, workdir: str) -> dict[str, Any]:
 
   sweep = []
   for name, steps in step_sweep:
-    m, _ = run_protocol(config, p, eval_set, evaluator, sampler=name, steps=steps, zs=zs, guidance=w_main)
+    m, _ = run_protocol(config, p, eval_set, evaluator, sampler=name, steps=steps, zs=zs, guidance=w_main,
+                        desc='eval sweep')
     row = {'sampler': name, 'steps': steps or p.start_t + 1, 'model_calls': steps or p.start_t + 1}
     row.update({k: m.get(k) for k in keys})
     sweep.append(row)
@@ -92,7 +93,7 @@ def evaluate_generation(config, workdir: str) -> dict[str, Any]:
   guidance_rows = []
   for w in guidance_sweep:
     m, _ = run_protocol(config, p, eval_set, evaluator, sampler=ev.sampler, steps=main_steps, zs=zs, eta=ev.eta,
-                        guidance=w)
+                        guidance=w, desc='eval guidance sweep')
     # Guidance doubles the batch of every model call (one call per step on [x; x]) except at w = 1.
     guidance_rows.append({'guidance': w, **{k: m.get(k) for k in keys}})
     logging.info('eval guidance %g: %s', w, guidance_rows[-1])
@@ -101,7 +102,7 @@ def evaluate_generation(config, workdir: str) -> dict[str, Any]:
   for r in reference_counts:
     zs_r = embed_eval_set(p, dataclasses.replace(eval_set, references=eval_set.references[:, :r]))
     m, _ = run_protocol(config, p, eval_set, evaluator, sampler=ev.sampler, steps=main_steps, zs=zs_r,
-                        eta=ev.eta, guidance=w_main)
+                        eta=ev.eta, guidance=w_main, desc=f'eval R={r}')
     reference_rows.append({'num_references': r, **{k: m.get(k) for k in keys}})
     logging.info('eval references %d: %s', r, reference_rows[-1])
 
@@ -123,8 +124,10 @@ def evaluate_generation(config, workdir: str) -> dict[str, Any]:
       '5-point landmarks, 150 px chip, padding 0.25', 'wall_seconds': time.time() - t_start,
   }
   out = os.path.join(os.path.abspath(workdir), 'eval')
-  metrics = report.write_report(out, 'metrics', metrics, report.metrics_markdown(metrics))
-  Image.fromarray(samples_grid(eval_set, gen)).save(os.path.join(out, 'samples.png'))
+  kept = report.step_dir(out, step)
+  metrics = report.write_report(kept, 'metrics', metrics, report.metrics_markdown(metrics))
+  Image.fromarray(samples_grid(eval_set, gen)).save(os.path.join(kept, 'samples.png'))
+  report.publish_latest(out, step, ['metrics.json', 'metrics.md', 'samples.png'])
   report.write_tensorboard(out, step, metrics)
-  logging.info('Wrote %s/metrics.json', out)
+  logging.info('Wrote %s/metrics.json (kept in %s)', out, kept)
   return metrics

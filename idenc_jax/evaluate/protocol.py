@@ -72,18 +72,21 @@ def embed_eval_set(personalizer, eval_set: EvalSet) -> np.ndarray:
 
 def generate_for_eval(personalizer, zs: np.ndarray, num: int, *, sampler: str, steps: int | None, seed: int,
                       max_images_per_call: int = 64, context: np.ndarray | None = None,
-                      generator_params: Any = None, eta: float = 0.0, guidance: float = 1.0) -> np.ndarray:
+                      generator_params: Any = None, eta: float = 0.0, guidance: float = 1.0,
+                      desc: str = 'sampling') -> np.ndarray:
   """`num` images per embedding zs [I, D] -> uint8 [I, num, res, res, 3]; identity i uses seed `seed + i`.
 
   Identities go through in chunks of equal size (the last padded), so one compiled sampler serves all.
-  guidance: identity guidance weight (1: none; `diffusion.guidance`).
+  guidance: identity guidance weight (1: none; `diffusion.guidance`). desc: the progress bar's label.
   """
   n_ids = len(zs)
   chunk = max(1, min(n_ids, max_images_per_call // max(num, 1)))
-  return map_in_chunks(
-      lambda idx: personalizer.generate_batch(zs[idx], num, sampler=sampler, steps=steps, eta=eta, seeds=seed + idx,
-                                              context=None if context is None else context[idx],
-                                              generator_params=generator_params, guidance=guidance), n_ids, chunk)
+  label = f'{desc}: {n_ids * num} images, {sampler} {steps or "all"} steps, w={guidance:g}'
+  with personalizer.sampling_bar(label, -(-n_ids // chunk), sampler, steps):
+    return map_in_chunks(
+        lambda idx: personalizer.generate_batch(zs[idx], num, sampler=sampler, steps=steps, eta=eta,
+                                                seeds=seed + idx, context=None if context is None else context[idx],
+                                                generator_params=generator_params, guidance=guidance), n_ids, chunk)
 
 
 def parse_sweep(spec: str, timesteps: int, start_t: int | None = None) -> list[tuple[str, int | None]]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 
-from idenc_jax.evaluate.evaluator import EXTRAS, METRICS
+from idenc_jax.evaluate.evaluator import BETTER, EXTRAS, METRICS
 
 
 def _fmt(v) -> str:
@@ -20,17 +21,19 @@ def _fmt(v) -> str:
 
 
 def markdown_table(rows: list[dict], columns: list[str], first: str = 'run') -> str:
-  """Rows of metric dicts -> a Markdown table (null as n/a)."""
+  """Rows of metric dicts -> a Markdown table (null as n/a), its last row saying which way each metric is
+  better (`evaluator.BETTER`)."""
   lines = ['| ' + ' | '.join([first] + columns) + ' |', '|' + '---|' * (len(columns) + 1)]
   for row in rows:
     lines.append('| ' + ' | '.join([str(row.get(first, ''))] + [_fmt(row.get(c)) for c in columns]) + ' |')
+  lines.append('| ' + ' | '.join(['*better*'] + [BETTER.get(c, '') for c in columns]) + ' |')
   return '\n'.join(lines)
 
 
 def metrics_markdown(metrics: dict) -> str:
-  lines = ['# Evaluation', '', '| metric | value | note |', '|---|---|---|']
+  lines = ['# Evaluation', '', '| metric | value | better | note |', '|---|---|---|---|']
   for k in METRICS + EXTRAS:
-    lines.append(f'| {k} | {_fmt(metrics.get(k))} | {metrics.get(f"{k}_skipped", "")} |')
+    lines.append(f'| {k} | {_fmt(metrics.get(k))} | {BETTER[k]} | {metrics.get(f"{k}_skipped", "")} |')
   sweep = metrics.get('sweep') or []
   if sweep:
     cols = ['steps', 'model_calls', 'sample_seconds', 'oracle_id_accuracy', 'oracle_fd', 'id_score', 'fd_face',
@@ -87,3 +90,18 @@ def write_report(out_dir: str, name: str, result: dict, markdown: str) -> dict:
   with open(os.path.join(out_dir, f'{name}.md'), 'w') as f:
     f.write(markdown)
   return result
+
+
+def step_dir(eval_dir: str, step: int | None) -> str:
+  """EVAL_DIR/step_N: where the evaluation of checkpoint N is kept (step_unknown without a step)."""
+  return os.path.join(eval_dir, f'step_{step}' if step is not None else 'step_unknown')
+
+
+def publish_latest(eval_dir: str, step: int | None, names: list[str]) -> None:
+  """Copies the files `names` of EVAL_DIR/step_N up to EVAL_DIR, the latest evaluation's place (each copy
+  replaced atomically, so a reader never sees half a file)."""
+  src = step_dir(eval_dir, step)
+  for name in names:
+    tmp = os.path.join(eval_dir, f'.{name}.tmp')
+    shutil.copyfile(os.path.join(src, name), tmp)
+    os.replace(tmp, os.path.join(eval_dir, name))

@@ -21,9 +21,9 @@ Metrics per row: every `evaluator.Evaluator` metric (LPIPS-Alex against the grou
 distances / FID against the held-out real images, the synthetic oracle's identity accuracy against the true
 identity), plus pixel errors against the ground truth in [-1, 1] units: `pixel_mse`, `psnr` (peak-to-peak 2),
 and for inpainting `hole_mse` (inside the hole only).
-Writes WORKDIR/eval/metrics.json (the restored row's metrics at top level, as `generation` does, and
-`rows` with every row), eval/metrics.md and eval/samples.png (references | truth | input | restored | wrong
-[| consistent]).
+Writes WORKDIR/eval/step_N/metrics.json (the restored row's metrics at top level, as `generation` does, and
+`rows` with every row), metrics.md and samples.png (references | truth | input | restored | wrong
+[| consistent]), copied to eval/ as the latest evaluation.
 """
 
 from __future__ import annotations
@@ -151,7 +151,8 @@ def evaluate_restoration(config, workdir: str, *, restorer=None, max_identities:
       'sample_seconds': sample_seconds, 'wall_seconds': time.time() - t_start,
   }
   out = os.path.join(os.path.abspath(workdir), 'eval')
-  metrics = report.write_report(out, 'metrics', metrics, markdown(metrics))
+  kept = report.step_dir(out, metrics['settings']['checkpoint_step'])
+  metrics = report.write_report(kept, 'metrics', metrics, markdown(metrics))
   shown = restorer.show(conditions).reshape(truth.shape)
   restored = images['restored'].reshape(truth.shape)
   wrong = images['wrong_identity'].reshape(truth.shape)
@@ -159,6 +160,7 @@ def evaluate_restoration(config, workdir: str, *, restorer=None, max_identities:
   grid_rows = [np.concatenate([eval_set.references[i], truth[i, :1], shown[i, :1], restored[i, :1], wrong[i, :1]]
                               + ([] if dc is None else [dc[i, :1]]))
                for i in range(min(n_id, 8))]
-  Image.fromarray(images_lib.image_grid(grid_rows)).save(os.path.join(out, 'samples.png'))
-  logging.info('Wrote %s/metrics.json', out)
+  Image.fromarray(images_lib.image_grid(grid_rows)).save(os.path.join(kept, 'samples.png'))
+  report.publish_latest(out, metrics['settings']['checkpoint_step'], ['metrics.json', 'metrics.md', 'samples.png'])
+  logging.info('Wrote %s/metrics.json (kept in %s)', out, kept)
   return metrics

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from idenc_jax import cli
+from idenc_jax import cli, progress
 from idenc_jax.data import images as images_lib
 from idenc_jax.diffusion import samplers
 from idenc_jax.evaluate import report
@@ -68,7 +68,7 @@ def compare(config, workdir: str, *, num_identities: int | None = None, write: b
   _block(tuner(p.params['generator'], refs[0], rng))
   ft_first = time.perf_counter() - t0
   ft_times, ft_params, ft_z, loss_first, loss_last = [], [], [], [], []
-  for i, x in enumerate(refs):
+  for i, x in enumerate(progress.bar(refs, desc=f'fine-tuning {ft.steps} steps per identity', unit='identity')):
     t0 = time.perf_counter()
     g, z, hist = _block(tuner(p.params['generator'], x, jax.random.fold_in(rng, i)))
     ft_times.append(time.perf_counter() - t0)
@@ -83,8 +83,10 @@ def compare(config, workdir: str, *, num_identities: int | None = None, write: b
   # ---- Same seeds, same sampler, same guidance (eval.guidance), same metrics for both. ----
   g_enc = generate_for_eval(p, zs, ev.num_generated, sampler=ev.sampler, steps=steps, seed=config.seed,
                             guidance=ev.guidance)
-  g_ft = np.stack([p.generate(ft_z[i], ev.num_generated, sampler=ev.sampler, steps=steps, seed=config.seed + i,
-                              generator_params=ft_params[i], guidance=ev.guidance) for i in range(len(subset))])
+  with p.sampling_bar(f'sampling the fine-tuned models: {len(subset) * ev.num_generated} images', len(subset),
+                      ev.sampler, steps):
+    g_ft = np.stack([p.generate(ft_z[i], ev.num_generated, sampler=ev.sampler, steps=steps, seed=config.seed + i,
+                                generator_params=ft_params[i], guidance=ev.guidance) for i in range(len(subset))])
   enc_m, ft_m = evaluator.metrics(g_enc), evaluator.metrics(g_ft)
   enc_m.update(personalize_seconds=float(np.mean(enc_times)), compile_seconds=enc_compile)
   ft_m.update(personalize_seconds=float(np.mean(ft_times)), compile_seconds=ft_compile,

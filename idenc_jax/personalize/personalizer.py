@@ -19,6 +19,7 @@ Conditional tasks (stage 2, `restorer.Restorer`) pass condition tokens to `gener
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idenc_jax import models
+from idenc_jax import models, progress
 from idenc_jax.data import align as align_lib
 from idenc_jax.data import images as images_lib
 from idenc_jax.diffusion import consistency, guidance as guidance_lib, samplers, schedules
@@ -77,6 +78,10 @@ def check_params(config, params: dict) -> None:
         raise ValueError(f'The checkpoint does not match this config: {part}{k} is {got.get(k)} in the '
                          f'checkpoint but {want.get(k)} in the model; pass the config it was trained with.')
 
+
+# Every compiled sampler advances the bar a caller opened under this name (`progress.advance`), once per step.
+SAMPLING_BAR = 'sampling'
+_advance_sampling_bar = functools.partial(progress.advance, SAMPLING_BAR)
 
 # Compiled model calls, shared by every Personalizer of the same architecture (e.g. the ablation variants).
 _COMPILED: dict[tuple, Any] = {}
@@ -178,11 +183,20 @@ class Personalizer:
         return generate_lib.generate(generator, gen_params, schedule, z, rng, num=num, sampler=sampler,
                                      num_steps=steps, eta=eta, start_t=start_t, context=context,
                                      condition=condition, project=project, guidance=guidance,
-                                     prediction=prediction)
+                                     prediction=prediction, on_step=_advance_sampling_bar)
       # vmapped over identities: one compiled call generates for a batch of embeddings.
       _COMPILED[key] = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0 if with_context else None,
                                                       0 if project is not None else None)))
     return _COMPILED[key]
+
+  def steps_per_call(self, sampler: str, steps: int | None) -> int:
+    """Sampler steps (model calls) of one generate call: a progress bar's total."""
+    return self.start_t + 1 if sampler == 'ddpm' and steps is None else int(steps)
+
+  def sampling_bar(self, desc: str, calls: int, sampler: str, steps: int | None):
+    """A progress bar over `calls` generate calls' sampler steps, advanced from inside the compiled sampler."""
+    return progress.bar(desc=desc, unit='step', total=calls * self.steps_per_call(sampler, steps),
+                        name=SAMPLING_BAR)
 
   @staticmethod
   def _check_sampler(sampler: str, steps: int | None, eta: float):

@@ -153,7 +153,9 @@ class Restorer:
       return self.personalizer.generate_batch(zs[idx], num, sampler=sampler, steps=steps, eta=eta,
                                               seeds=seed + idx, context=self.tokens(conditions[idx]),
                                               guidance=guidance, **dc)
-    return map_in_chunks(restore_chunk, n, chunk)
+    label = f'restoring: {n * num} images, {sampler} {steps or "all"} steps'
+    with self.personalizer.sampling_bar(label, -(-n // chunk), sampler, steps):
+      return map_in_chunks(restore_chunk, n, chunk)
 
   def restore(self, z: np.ndarray, conditions: np.ndarray, num: int = 1, **kw) -> np.ndarray:
     """Every condition [N, R, R, C] restored as the identity with embedding z [D]: uint8 [N, num, R, R, 3]."""

@@ -132,7 +132,8 @@ def sample_from_config(config, workdir: str) -> dict:
     z = p.embed(refs, align=False)   # already aligned and resized
   else:
     check_embedding_model(s.refs, p.fingerprint)
-  samples = p.generate(z, s.num, sampler=s.sampler, steps=sampler_steps(config), eta=s.eta, seed=s.seed)
+  with p.sampling_bar(f'sampling {s.num} images', 1, s.sampler, sampler_steps(config)):
+    samples = p.generate(z, s.num, sampler=s.sampler, steps=sampler_steps(config), eta=s.eta, seed=s.seed)
   paths = write_outputs(out_dir, samples, z, refs, model=p.fingerprint)
   logging.info('Wrote %d samples (%s, %s steps, seed %d) from %s to %s.', s.num, s.sampler, s.steps, s.seed,
                s.refs, out_dir)
