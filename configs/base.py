@@ -30,6 +30,9 @@ def _paper_config() -> config_dict.ConfigDict:
   # Checkpoint directory (a workdir or a step directory) whose parameters initialise this run when the
   # workdir holds no checkpoint of its own: stage 1 takes the generator of stage 0, stage 2 all of stage 1.
   c.init_from = config_dict.placeholder(str)
+  # XLA's persistent compilation cache: a second run of the same model reads its compiled programs instead of
+  # compiling again (minutes at paper scale). '' turns it off; ~ and $VARS expand.
+  c.compilation_cache_dir = '~/.cache/idenc_jax/xla'
 
   # ---- Generator: DiffAE/ADM U-Net (paper appendix A). -------------------------------------------------
   c.model = m = config_dict.ConfigDict()

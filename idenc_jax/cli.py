@@ -147,6 +147,23 @@ def one_line_errors(main):
   return wrapped
 
 
+def enable_compilation_cache(path: str, min_compile_seconds: float = 1.0) -> str | None:
+  """Turns on jax's persistent compilation cache in `path` (config.compilation_cache_dir; '' leaves it off)
+  for programs that take at least `min_compile_seconds` to compile. Returns the folder used."""
+  if not path:
+    return None
+  import jax   # lazy: the flag parsing above runs without jax
+  folder = os.path.abspath(os.path.expandvars(os.path.expanduser(path)))
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:   # a read-only home: run without the cache rather than not at all
+    logging.warning('Compilation cache %s unavailable (%s); compiling without it.', folder, e)
+    return None
+  jax.config.update('jax_compilation_cache_dir', folder)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', min_compile_seconds)
+  return folder
+
+
 def run(main) -> None:
   """absl.app.run(main) with `parse_flags`, user errors as one line (`one_line_errors`)."""
   app.run(one_line_errors(main), flags_parser=parse_flags)

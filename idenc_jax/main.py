@@ -104,8 +104,9 @@ def main(argv):
     tf.config.set_visible_devices([], 'GPU')
   except ImportError:
     pass
-  logging.info('JAX process %d/%d, local devices: %s', jax.process_index(), jax.process_count(),
-               jax.local_devices())
+  cache = cli.enable_compilation_cache(config.compilation_cache_dir)
+  logging.info('JAX process %d/%d, local devices: %s; compilation cache: %s', jax.process_index(),
+               jax.process_count(), jax.local_devices(), cache or 'off')
   mode_function(FLAGS.mode, config.stage)(config, FLAGS.workdir)
 
 

@@ -67,3 +67,24 @@ def test_console_commands_resolve_and_set_their_mode(tmp_path):
           'sample_command()')
   result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 1 and 'FATAL FileNotFoundError: config.sample.refs not found' in result.stderr
+
+
+def test_compilation_cache_is_written_then_read(tmp_path):
+  """config.compilation_cache_dir: the first process writes the compiled program; a second one compiling the
+  same program finds it there and adds nothing; '' leaves the cache off."""
+  cache = tmp_path / 'xla'
+  code = ('import jax, jax.numpy as jnp; from idenc_jax import cli; '
+          f'print(cli.enable_compilation_cache({str(cache)!r}, min_compile_seconds=0)); '
+          'f = lambda x: jnp.tanh(jnp.sin(x) @ x.T).sum(); '
+          'jax.jit(jax.grad(f)).lower(jnp.ones((32, 32))).compile()')
+
+  def run():
+    r = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.split()[0], sorted(os.listdir(cache))
+
+  folder, first = run()
+  assert folder == str(cache) and first, 'nothing was written to the cache'
+  assert run()[1] == first   # the second process read the entry instead of writing another
+  from idenc_jax import cli
+  assert cli.enable_compilation_cache('') is None

@@ -215,13 +215,15 @@ def run_variant(config, *, steps: int = 5, warmup: int = 2, sample_batch: int = 
 def run_interleaved(configs: dict[str, Any], *, steps: int = 5, warmup: int = 2, sample_batch: int = 0,
                     peak_flops: float | None = None, log: Callable[[str], None] = lambda s: None,
                     compiler_options: dict | None = None, profile_dir: str = '',
-                    peak_size: int | None = None) -> list[dict[str, Any]]:
+                    peak_size: int | None = None, others: dict[str, Any] | None = None) -> list[dict[str, Any]]:
   """All variants ({name: config}) compiled first, then timed in turns, each round also timing the
   peak matmul of every compute dtype (unless peak_flops is given), so that a shared machine's changing
   load reaches the variants and the peak alike. The peak is the fastest of those matmuls and of five more
   timed after the rounds, with nothing else running (side peak_size, default measure.peak_matmul_size()).
   With `sample_batch`, each round also times every variant's sampling step. Profiles go to
-  profile_dir/<variant> (none without profile_dir)."""
+  profile_dir/<variant> (none without profile_dir). `others`: {name: bench} of another framework
+  (`torch_reference.TorchBench`: step(timed), sample_step(batch, timed), finish(...)), timed in the same turns
+  and returned after the variants, without MFU."""
   _check_counts(steps, warmup)
   benches = {}
   for name, config in configs.items():
@@ -239,6 +241,10 @@ def run_interleaved(configs: dict[str, Any], *, steps: int = 5, warmup: int = 2,
       bench.step(timed=i >= warmup)
       if sample_batch:
         bench.sample_step(timed=i >= warmup)
+    for other in (others or {}).values():
+      other.step(timed=i >= warmup)
+      if sample_batch:
+        other.sample_step(sample_batch, timed=i >= warmup)
     for dtype, (call, _) in probes.items():
       t0 = time.perf_counter()
       jax.block_until_ready(call())
@@ -255,4 +261,6 @@ def run_interleaved(configs: dict[str, Any], *, steps: int = 5, warmup: int = 2,
     dtype = configs[name].model.dtype
     records.append(add_mfu(record, peak_flops or peaks[dtype], 'flag' if peak_flops else 'measured',
                            matmul_size=size))
+  for name, other in (others or {}).items():
+    records.append({'variant': name, **other.finish(sample_batch, max(steps, 3))})
   return records

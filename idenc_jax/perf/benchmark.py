@@ -74,7 +74,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool('check', False, "correctness instead of speed: each variant's fixed-batch loss on this "
                     'device against a CPU float32 reference (computed in a subprocess), and a few finite '
                     'train steps', **where)
-  flags.DEFINE_bool('reference', False, 'print the float32 fixed-batch loss (the CPU side of --check)',
+  flags.DEFINE_bool('reference_loss', False, 'print the float32 fixed-batch loss (the CPU side of --check)',
+                    **where)
+  flags.DEFINE_enum('reference', '', ['', 'torch'], 'also time the PyTorch reference of the config '
+                    '(`perf.torch_reference`: same architecture, batch, optimizer and EMA) in the same process, '
+                    'in turns with the variants under --interleave, and report each variant\'s speed against it',
                     **where)
   flags.DEFINE_string('profile_dir', '', "after timing, profile each variant's train step (and sampling "
                       'step) into DIR/<variant> and add its time by kind of operation to the record', **where)
@@ -91,7 +95,7 @@ def _fmt(value, scale=1.0, digits=1):
 
 def format_table(records: list[dict]) -> str:
   """One line per variant record (a failed one with its error)."""
-  head = (f'{"variant":<22}{"img/s":>9}{"step ms":>10}{"speedup":>8}{"MFU %":>7}{"compile s":>10}'
+  head = (f'{"variant":<22}{"img/s":>9}{"step ms":>10}{"speedup":>8}{"vs torch":>9}{"MFU %":>7}{"compile s":>10}'
           f'{"mem GiB":>9}{"GF/img xla":>11}{"GF/img ana":>11}{"sample ms":>10}')
   lines = [head]
   for r in records:
@@ -100,11 +104,12 @@ def format_table(records: list[dict]) -> str:
       continue
     lines.append(
         f'{r["variant"]:<22}{_fmt(r["train_images_per_s"], 1, 2):>9}{_fmt(r["train_step_ms"]):>10}'
-        f'{_fmt(r.get("speedup"), 1, 2):>8}{_fmt(r["mfu"] and 100 * r["mfu"]):>7}{_fmt(r["compile_s"]):>10}'
-        f'{_fmt(r["peak_memory_bytes"], 2 ** 30, 2):>9}{_fmt(r["flops_per_image_xla"], 1e9, 2):>11}'
+        f'{_fmt(r.get("speedup"), 1, 2):>8}{_fmt(r.get("vs_torch"), 1, 2):>9}{_fmt(r.get("mfu") and 100 * r["mfu"]):>7}'
+        f'{_fmt(r.get("compile_s")):>10}{_fmt(r.get("peak_memory_bytes"), 2 ** 30, 2):>9}'
+        f'{_fmt(r.get("flops_per_image_xla", r.get("flops_per_image_torch")), 1e9, 2):>11}'
         f'{_fmt(r["flops_per_image_analytic"], 1e9, 2):>11}{_fmt(r["sample_step_ms"]):>10}')
   peaks = dict.fromkeys((r['peak_flops'], r['peak_flops_source'], r.get('peak_matmul_size'))
-                        for r in records if 'error' not in r)
+                        for r in records if 'error' not in r and 'peak_flops' in r)
   for peak, source, size in peaks:
     how = f'the best {size}^3 matmul timed in this run' if source == 'measured' else 'from --peak_flops'
     lines.append(f'MFU peak: {peak / 1e9:.1f} GFLOP/s ({how})')
@@ -116,6 +121,17 @@ def _with_speedups(records: list[dict]) -> list[dict]:
   for r in records:
     if 'error' not in r and base is not None:
       r['speedup'] = r['train_images_per_s'] / base['train_images_per_s']
+  return records
+
+
+def with_torch_ratio(records: list[dict]) -> list[dict]:
+  """Each record's images/s (and sampling step) against the PyTorch reference's record, when there is one."""
+  ref = next((r for r in records if r.get('variant') == 'torch' and 'error' not in r), None)
+  for r in records:
+    if ref is not None and 'error' not in r:
+      r['vs_torch'] = r['train_images_per_s'] / ref['train_images_per_s']
+      if r.get('sample_step_ms') and ref.get('sample_step_ms'):
+        r['sample_vs_torch'] = ref['sample_step_ms'] / r['sample_step_ms']
   return records
 
 
@@ -187,7 +203,7 @@ def _run_in_process(f: flags.FlagValues, variant: str, config, first: bool) -> d
 # The command line.
 # ---------------------------------------------------------------------------------------------------------
 def run_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
-  """Runs the benchmark (or --check, --reference) the flags ask for; returns the printed JSON object."""
+  """Runs the benchmark (or --check, --reference_loss) the flags ask for; returns the printed JSON object."""
   launched = time.monotonic()
   f = flag_values
   spec = config_flags.get_config_filename(f['config'])
@@ -198,7 +214,7 @@ def run_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
     configs = {v: levers.variant_config(f.config, v) for v in variants}
   except ValueError as e:
     sys.exit(f'FATAL {e}')
-  if f.reference:
+  if f.reference_loss:
     result = check.reference_values(f.config, options)
     _emit(result, '', f.json_out)
     return result
@@ -209,13 +225,23 @@ def run_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
     return result
   isolate = f.isolate == 'yes' or (f.isolate == 'auto' and len(variants) > 1 and not f.interleave)
   records, peaks = [], {}
+  torch_bench = None
+  if f.reference == 'torch':
+    from idenc_jax.perf import torch_reference   # lazy: torch is a test/[eval] dependency
+    try:
+      torch_bench = torch_reference.TorchBench(f.config, lambda s: _log(f'torch: {s}'))
+    except ImportError as e:
+      sys.exit(f'FATAL --reference=torch needs torch ({e}); pip install torch')
+    except ValueError as e:
+      sys.exit(f'FATAL {e}')
   if f.interleave:
     if isolate:
       sys.exit('FATAL --interleave runs every variant in one process; it excludes --isolate=yes.')
     records = bench.run_interleaved({v or 'default': c for v, c in configs.items()}, steps=f.steps,
                                     warmup=f.warmup, sample_batch=f.sample_batch,
                                     peak_flops=f.peak_flops or None, log=_log, compiler_options=options,
-                                    profile_dir=f.profile_dir, peak_size=f.peak_size or None)
+                                    profile_dir=f.profile_dir, peak_size=f.peak_size or None,
+                                    others={'torch': torch_bench} if torch_bench else None)
     variants = []
     if f.records_out:
       with open(f.records_out, 'a') as fh:
@@ -247,7 +273,12 @@ def run_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
     if f.records_out:
       with open(f.records_out, 'a') as fh:
         fh.write(json.dumps(rec) + '\n')
+  if torch_bench is not None and not f.interleave:   # timed after the variants, in this process
+    for i in range(f.warmup + f.steps):
+      torch_bench.step(timed=i >= f.warmup)
+    records.append({'variant': 'torch', **torch_bench.finish(f.sample_batch, max(f.steps, 3))})
   _with_speedups(records)
+  with_torch_ratio(records)
   first = next((r for r in records if 'error' not in r), records[0])
   result = dict(first, config=spec, overrides=config_flags.get_override_values(f['config']))
   if len(records) > 1:

@@ -49,7 +49,7 @@ def cpu_reference_process(config_spec: str, overrides: Sequence[str], out_path: 
                           fast_compile: bool = False) -> subprocess.Popen:
   """Starts the float32 reference of `--config=config_spec` with the `--config.*` arguments `overrides`
   on the CPU in a subprocess (it runs beside the device); it writes its values to out_path."""
-  cmd = [*BENCHMARK, f'--config={config_spec}', *overrides, '--reference', f'--json_out={out_path}']
+  cmd = [*BENCHMARK, f'--config={config_spec}', *overrides, '--reference_loss', f'--json_out={out_path}']
   cmd += ['--fast_compile'] * fast_compile
   env = subprocess_env(JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)

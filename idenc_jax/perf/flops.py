@@ -200,13 +200,14 @@ def encoder_flops(config, *, elementwise: bool = True, count_padding: bool = Fal
   return _total(t, elementwise)
 
 
-def training_flops_per_image(config, *, elementwise: bool = True) -> int:
+def training_flops_per_image(config, *, elementwise: bool = True, count_padding: bool = False) -> int:
   """Forward + backward per training image as 3 x forward, of generator and encoder.
 
-  Stage 0 trains the unconditional generator alone, so the encoder is left out there.
+  Stage 0 trains the unconditional generator alone, so the encoder is left out there. elementwise,
+  count_padding: as for `generator_flops` (both False: the convention of PyTorch's flop counter).
   """
-  gen = generator_flops(config, elementwise=elementwise)
-  enc = 0 if config.stage == 0 else encoder_flops(config, elementwise=elementwise)
+  gen = generator_flops(config, elementwise=elementwise, count_padding=count_padding)
+  enc = 0 if config.stage == 0 else encoder_flops(config, elementwise=elementwise, count_padding=count_padding)
   return 3 * (gen + enc)
 
 
