@@ -39,7 +39,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from idenc_jax import cli
-from idenc_jax.perf import bench, check, levers, measure
+from idenc_jax.perf import bench, check, levers, measure, torch_reference
 
 KEYS = ('train_images_per_s', 'train_step_ms', 'compile_s', 'peak_memory_bytes', 'flops_per_image_xla',
         'flops_per_image_analytic', 'peak_flops', 'mfu', 'sample_step_ms', 'device')
@@ -227,7 +227,6 @@ def run_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
   records, peaks = [], {}
   torch_bench = None
   if f.reference == 'torch':
-    from idenc_jax.perf import torch_reference   # lazy: torch is a test/[eval] dependency
     try:
       torch_bench = torch_reference.TorchBench(f.config, lambda s: _log(f'torch: {s}'))
     except ImportError as e:
