@@ -149,10 +149,13 @@ def one_line_errors(main):
 
 def enable_compilation_cache(path: str, min_compile_seconds: float = 1.0) -> str | None:
   """Turns on jax's persistent compilation cache in `path` (config.compilation_cache_dir; '' leaves it off)
-  for programs that take at least `min_compile_seconds` to compile. Returns the folder used."""
+  for programs that take at least `min_compile_seconds` to compile. Returns the folder used. A cache the
+  environment names (JAX_COMPILATION_CACHE_DIR, as the test suite sets) takes precedence."""
   if not path:
     return None
   import jax   # lazy: the flag parsing above runs without jax
+  if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    return jax.config.jax_compilation_cache_dir
   folder = os.path.abspath(os.path.expandvars(os.path.expanduser(path)))
   try:
     os.makedirs(folder, exist_ok=True)
