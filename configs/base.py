@@ -149,6 +149,9 @@ def _paper_config() -> config_dict.ConfigDict:
   t.checkpoint_every = 10_000
   t.keep_checkpoints = 3
   t.time_budget_minutes = 0.0   # > 0: stop (with a checkpoint) after this much wall time; 0: train.num_steps
+  # XLA options for compiling the train step, 'name=value;name=value' (e.g. XLA:CPU's library fusions,
+  # 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'); '' : XLA's defaults.
+  t.compiler_options = ''
   t.sample_every = 20_000
   t.sample_identities = 4      # held-out identities in the periodic sample grid
   t.sample_steps = 50          # DDIM steps for the periodic grid

@@ -20,6 +20,7 @@ from idenc_jax.models.ops import conv as conv_ops
 from idenc_jax.models.ops import group_norm as norm_ops
 from idenc_jax.perf import fixtures
 from idenc_jax.train import state as state_lib
+from idenc_jax.train import step as step_lib
 
 # Tests compile at LLVM -O0: half the compile time; the arithmetic XLA emits is the same.
 FAST_COMPILE = {'xla_backend_optimization_level': 0}
@@ -293,3 +294,23 @@ def test_fused_group_norm_rejects_bad_groups_and_names():
     norm_ops.FusedGroupNormSiLU(5).init(jax.random.key(0), jnp.zeros((1, 2, 2, 12)))
   with pytest.raises(ValueError, match='group_norm'):
     norm_ops.norm_silu('apex', 4, jnp.float32, 'norm')
+
+
+# XLA:CPU's library fusions (train.compiler_options): convolutions through YNNPACK, XNNPACK or oneDNN.
+LIBRARY_CONVOLUTIONS = {
+    lib: f'xla_cpu_experimental_{lib}_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'
+    for lib in ('ynn', 'xnn', 'onednn')}
+
+
+@pytest.mark.parametrize('library', sorted(LIBRARY_CONVOLUTIONS))
+def test_library_convolutions_keep_the_model_loss_and_gradients(reference, library):
+  """The same float32 function: loss within 1e-4, gradients within 1e-3 of the plain model's (relative)."""
+  _assert_model_close(reference, {'train.compiler_options': LIBRARY_CONVOLUTIONS[library]}, 1e-4, 1e-3)
+
+
+def test_compiler_options_parse_and_reject_malformed_entries():
+  c = tiny(**{'train.compiler_options': 'a=true; b=3;c=LIBRARY_X ;d=0.5'})
+  assert step_lib.compiler_options(c) == {'a': True, 'b': 3, 'c': 'LIBRARY_X', 'd': 0.5}
+  assert step_lib.compiler_options(tiny()) is None
+  with pytest.raises(ValueError, match='is not name=value'):
+    step_lib.compiler_options(tiny(**{'train.compiler_options': 'xla_cpu_use_onednn'}))

@@ -82,7 +82,9 @@ class TrainBench:
     jitted = jax.jit(step_lib.make_train_step(config, optimizer), donate_argnums=(0,))
     t0 = time.perf_counter()
     lowered = jitted.lower(self.state, jax.device_put(self.host_batches[0]))
-    self.compiled = lowered.compile(compiler_options)
+    # The config's own options (train.compiler_options, as the trainer compiles) under the caller's.
+    options = {**(step_lib.compiler_options(config) or {}), **(compiler_options or {})}
+    self.compiled = lowered.compile(options or None)
     self.record['compile_s'] = time.perf_counter() - t0
     log(f'compiled in {self.record["compile_s"]:.1f} s')
     # The compiled module's count, unless the backend hides work in library calls it cannot cost

@@ -22,6 +22,7 @@ from idenc_jax.diffusion import schedules
 from idenc_jax.train import losses
 from idenc_jax.train import prefetch as prefetch_lib
 from idenc_jax.train import state as state_lib
+from idenc_jax.train import step as step_lib
 
 
 def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -104,7 +105,8 @@ def fixed_batch_loss_and_grads(config, seed: int = 0, step: int | None = None,
     return losses.compute_loss(p, batch, jax.random.key(seed + 7), step, config=config, generator=gen,
                                encoder=enc, schedule=sched)
 
-  fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True)).lower(params).compile(compiler_options)
+  options = {**(step_lib.compiler_options(config) or {}), **(compiler_options or {})}   # as the trainer, then ours
+  fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True)).lower(params).compile(options or None)
   (loss, metrics), grads = fn(params)
   return float(loss), jax.device_get(metrics), jax.device_get(grads)
 

@@ -1,5 +1,7 @@
 """The train step: a pure function (state, batch) -> (state, metrics), jitted once with shardings."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -8,6 +10,29 @@ from idenc_jax import models
 from idenc_jax.train import losses
 from idenc_jax.diffusion import schedules
 from idenc_jax.train import state as state_lib
+
+
+def compiler_options(config) -> dict[str, Any] | None:
+  """config.train.compiler_options 'name=value;name=value' -> {name: value} for `Lowered.compile` (None when
+  empty). 'true' / 'false' become booleans and numbers numbers; anything else stays text (enum names)."""
+  out = {}
+  for item in filter(None, (p.strip() for p in config.train.compiler_options.split(';'))):
+    name, sep, value = item.partition('=')
+    if not sep or not name.strip():
+      raise ValueError(f'config.train.compiler_options entry {item!r} is not name=value.')
+    value = value.strip()
+    lowered = value.lower()
+    if lowered in ('true', 'false'):
+      out[name.strip()] = lowered == 'true'
+    else:
+      try:
+        out[name.strip()] = int(value)
+      except ValueError:
+        try:
+          out[name.strip()] = float(value)
+        except ValueError:
+          out[name.strip()] = value
+  return out or None
 
 
 def make_train_step(config, optimizer: optax.GradientTransformation):
