@@ -18,7 +18,7 @@ from idenc_jax.models import layers
 from idenc_jax.models.ops import attention as attention_ops
 from idenc_jax.models.ops import conv as conv_ops
 from idenc_jax.models.ops import group_norm as norm_ops
-from idenc_jax.perf import fixtures
+from idenc_jax.perf import fixtures, levers
 from idenc_jax.train import state as state_lib
 from idenc_jax.train import step as step_lib
 
@@ -297,9 +297,7 @@ def test_fused_group_norm_rejects_bad_groups_and_names():
 
 
 # XLA:CPU's library fusions (train.compiler_options): convolutions through YNNPACK, XNNPACK or oneDNN.
-LIBRARY_CONVOLUTIONS = {
-    lib: f'xla_cpu_experimental_{lib}_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'
-    for lib in ('ynn', 'xnn', 'onednn')}
+LIBRARY_CONVOLUTIONS = {lib: levers.LEVERS[f'{lib}conv']['train.compiler_options'] for lib in ('ynn', 'xnn', 'onednn')}
 
 
 @pytest.mark.parametrize('library', sorted(LIBRARY_CONVOLUTIONS))

@@ -78,7 +78,7 @@ def _jax_draws(config, batch, rng, step):
       null=None if null is None else torch.from_numpy(np.asarray(null)))
 
 
-@pytest.mark.parametrize('variant,step,batch', [('tiny', 0, 16), ('cpu', 1000, 16), ('cpu', 500, 64)])
+@pytest.mark.parametrize('variant,step,batch', [('tiny', 0, 16), ('tiny', 500, 32), ('cpu', 1000, 16)])
 def test_training_loss_and_gradients_equal_ours(variant, step, batch):
   """cpu: min-SNR weighting and a 10% null-identity share; tiny: the paper's unweighted loss. At step 0 every
   group is dropped (curriculum p = 1), at the curriculum's end most are kept, and mid-way both occur."""
