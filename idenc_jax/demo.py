@@ -89,13 +89,16 @@ class DemoModel:
       raise ValueError(f'Number of images must be 1-{MAX_IMAGES}, got {count}.')
     p = self.personalizer
     refs = self.references(files, identity)
-    z = p.embed(refs, align=None if isinstance(refs, list) else False)   # test identities are already aligned
+    # Read (and aligned, where the model's training faces were) once: shown as the encoder sees them and
+    # embedded as they are (test identities are already aligned).
+    seen_images = p.preprocess(refs, align=None if isinstance(refs, list) else False)
+    z = p.embed(seen_images, align=False)
     steps_arg = None if sampler == 'ddpm' and steps > p.start_t else steps
     with p.sampling_bar(f'demo: {count} images', 1, sampler, steps_arg):
       images = p.generate(z, count, sampler=sampler, steps=steps_arg, seed=seed,
                           guidance=float(guidance) if self.guided else 1.0)
     out = self._new_dir()
-    seen = self._save(out, 'reference', p.preprocess(refs, align=None if isinstance(refs, list) else False))
+    seen = self._save(out, 'reference', seen_images)
     paths = self._save(out, 'sample', images)
     emb = os.path.join(out, 'embedding.npy')
     p.save_embedding(emb, z)
