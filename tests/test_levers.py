@@ -309,6 +309,7 @@ def test_library_convolutions_keep_the_model_loss_and_gradients(reference, libra
 def test_compiler_options_parse_and_reject_malformed_entries():
   c = tiny(**{'train.compiler_options': 'a=true; b=3;c=LIBRARY_X ;d=0.5'})
   assert step_lib.compiler_options(c) == {'a': True, 'b': 3, 'c': 'LIBRARY_X', 'd': 0.5}
-  assert step_lib.compiler_options(tiny()) is None
+  assert step_lib.compiler_options(c, {'a': False, 'e': 1}) == {'a': False, 'b': 3, 'c': 'LIBRARY_X', 'd': 0.5, 'e': 1}
+  assert step_lib.compiler_options(tiny()) is None and step_lib.compiler_options(tiny(), {}) is None
   with pytest.raises(ValueError, match='is not name=value'):
     step_lib.compiler_options(tiny(**{'train.compiler_options': 'xla_cpu_use_onednn'}))

@@ -12,9 +12,10 @@ from idenc_jax.diffusion import schedules
 from idenc_jax.train import state as state_lib
 
 
-def compiler_options(config) -> dict[str, Any] | None:
-  """config.train.compiler_options 'name=value;name=value' -> {name: value} for `Lowered.compile` (None when
-  empty). 'true' / 'false' become booleans and numbers numbers; anything else stays text (enum names)."""
+def compiler_options(config, extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
+  """config.train.compiler_options 'name=value;name=value' -> {name: value} for `Lowered.compile`, with
+  `extra` (a caller's options) over them; None when empty. 'true' / 'false' become booleans and numbers
+  numbers; anything else stays text (enum names)."""
   out = {}
   for item in filter(None, (p.strip() for p in config.train.compiler_options.split(';'))):
     name, sep, value = item.partition('=')
@@ -32,7 +33,7 @@ def compiler_options(config) -> dict[str, Any] | None:
           out[name.strip()] = float(value)
         except ValueError:
           out[name.strip()] = value
-  return out or None
+  return {**out, **(extra or {})} or None
 
 
 def make_train_step(config, optimizer: optax.GradientTransformation):
