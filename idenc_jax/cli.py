@@ -127,10 +127,24 @@ def is_user_error(e: BaseException) -> bool:
   return isinstance(e, RuntimeError) and type(e).__module__.startswith('idenc_jax')
 
 
+def _drop_late_asyncio_callbacks(unraisable, default=sys.unraisablehook):
+  """An unraisable-exception hook that drops one known harmless report: when an orbax restore fails (a damaged
+  checkpoint), its other reads still in flight in tensorstore's threads finish after orbax closed their asyncio
+  loop, and each prints "RuntimeError: Event loop is closed". The restore's own error is what the user needs;
+  anything else goes to the default hook."""
+  exc = unraisable.exc_value
+  if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
+    logging.debug('dropped a late asyncio callback after a closed loop (an aborted checkpoint read)')
+    return
+  default(unraisable)
+
+
 def one_line_errors(main):
   """main(argv), with a user error printed as one line `FATAL <Type>: <message>` and exit status 1 (the full
   traceback with IDENC_DEBUG=1)."""
   def wrapped(argv):
+    if not os.environ.get(DEBUG_ENV):
+      sys.unraisablehook = _drop_late_asyncio_callbacks
     try:
       return main(argv)
     except Exception as e:  # pylint: disable=broad-except
@@ -138,8 +152,8 @@ def one_line_errors(main):
         raise
       message = ' '.join(str(e).split('\n')[0].split())[:600] or repr(e)
       sys.stderr.write(f'FATAL {type(e).__name__}: {message}  ({DEBUG_ENV}=1 shows the traceback)\n')
-      # os._exit, not sys.exit: at interpreter shutdown orbax's asyncio threads print "Event loop is closed"
-      # tracebacks after the one line. Nothing is left to save here (the loop closed its writers already).
+      # os._exit, not sys.exit: interpreter shutdown would wait on (and hear from) orbax's asyncio threads.
+      # Nothing is left to save here (the loop closed its writers already).
       logging.shutdown()
       sys.stdout.flush()
       sys.stderr.flush()

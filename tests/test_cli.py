@@ -91,3 +91,37 @@ def test_compilation_cache_is_written_then_read(tmp_path):
   assert run()[1] == first   # the second process read the entry instead of writing another
   from idenc_jax import cli
   assert cli.enable_compilation_cache('') is None
+
+
+_LATE_CALLBACKS = '''
+import gc, sys
+from idenc_jax import cli
+
+class Late:
+  def __init__(self, message):
+    self.message = message
+  def __del__(self):   # an exception here goes to sys.unraisablehook, as tensorstore's late callbacks do
+    raise RuntimeError(self.message)
+
+def main(argv):
+  Late('Event loop is closed')
+  Late('a real problem')
+  gc.collect()
+  raise ValueError('the user error')
+
+cli.one_line_errors(main)(sys.argv)
+'''
+
+
+def test_a_failed_restore_s_late_asyncio_callbacks_do_not_follow_the_one_line(tmp_path):
+  # A damaged checkpoint fails orbax's restore while other reads are in flight; they print "Event loop is
+  # closed" tracebacks after FATAL (seen in CI). Only that report is dropped: another one still prints.
+  script = tmp_path / 'late.py'
+  script.write_text(_LATE_CALLBACKS)
+  env = {k: v for k, v in os.environ.items() if k != cli.DEBUG_ENV}
+  result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+  assert result.returncode == 1, result.stderr
+  assert 'FATAL ValueError: the user error' in result.stderr
+  assert 'Event loop is closed' not in result.stderr, result.stderr
+  assert 'RuntimeError: a real problem' in result.stderr, result.stderr
