@@ -313,3 +313,12 @@ def test_compiler_options_parse_and_reject_malformed_entries():
   assert step_lib.compiler_options(tiny()) is None and step_lib.compiler_options(tiny(), {}) is None
   with pytest.raises(ValueError, match='is not name=value'):
     step_lib.compiler_options(tiny(**{'train.compiler_options': 'xla_cpu_use_onednn'}))
+
+
+def test_an_option_xla_rejects_is_one_clear_error():
+  lowered = jax.jit(lambda x: x + 1).lower(jnp.ones(3))
+  for options, said in (('xla_cpu_no_such_option=true', 'No such compile option'),
+                        ('xla_cpu_enable_fast_math=maybe', 'not a valid bool')):
+    with pytest.raises(ValueError, match=f'config.train.compiler_options.*XLA says.*{said}'):
+      step_lib.compile_with_options(lowered, tiny(**{'train.compiler_options': options}))
+  assert step_lib.compile_with_options(lowered, tiny())(jnp.ones(3)).tolist() == [2.0, 2.0, 2.0]

@@ -83,7 +83,7 @@ class TrainBench:
     t0 = time.perf_counter()
     lowered = jitted.lower(self.state, jax.device_put(self.host_batches[0]))
     # The config's own options (train.compiler_options, as the trainer compiles) under the caller's.
-    self.compiled = lowered.compile(step_lib.compiler_options(config, compiler_options))
+    self.compiled = step_lib.compile_with_options(lowered, config, compiler_options)
     self.record['compile_s'] = time.perf_counter() - t0
     log(f'compiled in {self.record["compile_s"]:.1f} s')
     # The compiled module's count, unless the backend hides work in library calls it cannot cost

@@ -105,8 +105,8 @@ def fixed_batch_loss_and_grads(config, seed: int = 0, step: int | None = None,
     return losses.compute_loss(p, batch, jax.random.key(seed + 7), step, config=config, generator=gen,
                                encoder=enc, schedule=sched)
 
-  options = step_lib.compiler_options(config, compiler_options)   # as the trainer, then the caller's
-  fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True)).lower(params).compile(options)
+  lowered = jax.jit(jax.value_and_grad(loss_fn, has_aux=True)).lower(params)
+  fn = step_lib.compile_with_options(lowered, config, compiler_options)   # as the trainer, then the caller's
   (loss, metrics), grads = fn(params)
   return float(loss), jax.device_get(metrics), jax.device_get(grads)
 

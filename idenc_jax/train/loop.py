@@ -240,7 +240,7 @@ def train_and_evaluate(config, workdir: str, *, on_checkpoint=None,
     t0 = time.time()
     lowered = jitted.lower(state, batch)
     t1 = time.time()
-    compiled = lowered.compile(step_lib.compiler_options(config))
+    compiled = step_lib.compile_with_options(lowered, config)
     logging.info('Train step traced in %.1f s, compiled (or read from the compilation cache) in %.1f s.',
                  t1 - t0, time.time() - t1)
     mem = compiled.memory_analysis()

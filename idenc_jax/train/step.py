@@ -36,6 +36,20 @@ def compiler_options(config, extra: dict[str, Any] | None = None) -> dict[str, A
   return {**out, **(extra or {})} or None
 
 
+def compile_with_options(lowered, config, extra: dict[str, Any] | None = None):
+  """`lowered.compile` with `compiler_options(config, extra)`; an option XLA rejects (a misspelt name, a
+  value of the wrong kind) is a one-line ValueError naming the field, not XLA's runtime error."""
+  options = compiler_options(config, extra)
+  try:
+    return lowered.compile(options)
+  except jax.errors.JaxRuntimeError as e:
+    message = str(e).split('\n')[0]
+    if options and message.startswith('INVALID_ARGUMENT') and 'option' in message:
+      raise ValueError(f'config.train.compiler_options / compiler options {sorted(options)}: XLA says '
+                       f'{message}') from e
+    raise
+
+
 def make_train_step(config, optimizer: optax.GradientTransformation):
   """Builds `train_step(state, batch)`. Models and schedule are closed over (static)."""
   generator = models.build_generator(config)
