@@ -71,12 +71,11 @@ def check_params(config, params: dict) -> None:
   for part in ('generator', 'encoder'):
     if part not in params:
       raise ValueError(f'The checkpoint has no {part!r} parameters (a stage-0 checkpoint cannot personalize).')
-    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected[part])}
-    got = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params[part])}
-    for k in sorted(set(want) | set(got)):
-      if want.get(k) != got.get(k):
-        raise ValueError(f'The checkpoint does not match this config: {part}{k} is {got.get(k)} in the '
-                         f'checkpoint but {want.get(k)} in the model; pass the config it was trained with.')
+    want, got = ckpt_lib.shapes_by_path(expected[part]), ckpt_lib.shapes_by_path(params[part])
+    k = ckpt_lib.first_shape_difference(want, got)
+    if k is not None:
+      raise ValueError(f'The checkpoint does not match this config: {part}{k} is {got.get(k)} in the '
+                       f'checkpoint but {want.get(k)} in the model; pass the config it was trained with.')
 
 
 # Every compiled sampler advances the bar a caller opened under this name (`progress.advance`), once per step.

@@ -252,11 +252,21 @@ def check_finite(tree, source: str) -> None:
                        'resume from an earlier step (delete the damaged step folder) or retrain.')
 
 
+def shapes_by_path(tree) -> dict[str, tuple]:
+  """{parameter path, e.g. "['conv_out']['kernel']": shape} of a tree of arrays or shape structs."""
+  return {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def first_shape_difference(want: dict[str, tuple], got: dict[str, tuple]) -> str | None:
+  """The first path (sorted) whose shape differs, or that only one side has; None when the two match."""
+  return next((k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)), None)
+
+
 def saved_shapes(path: str, key: str = 'params') -> dict[str, tuple]:
   """{parameter path: shape} of `key` in the checkpoint at `path` (a step folder, else the newest under it), from
   its metadata (no array read)."""
   tree = ocp.PyTreeCheckpointHandler().metadata(_resolve_step_dir(path) / 'state').tree
-  return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(tree.get(key, {}))}
+  return shapes_by_path(tree.get(key, {}))
 
 
 def checkpoint_step(path: str) -> int:

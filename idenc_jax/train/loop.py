@@ -123,9 +123,8 @@ def check_resumable(config, abstract_params, step_dir, workdir: str) -> None:
   """IncompatibleCheckpointError (a ValueError), before anything is restored or written, when the checkpoint at
   `step_dir` holds another model than `config` builds: it names the first differing parameter and the config
   fields that differ from the run's config.json."""
-  want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(abstract_params)}
-  got = ckpt_lib.saved_shapes(str(step_dir))
-  bad = next((k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)), None)
+  want, got = ckpt_lib.shapes_by_path(abstract_params), ckpt_lib.saved_shapes(str(step_dir))
+  bad = ckpt_lib.first_shape_difference(want, got)
   if bad is None:
     return
   fields = ''
