@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import importlib.util
 import logging
 import os
@@ -127,7 +128,7 @@ def is_user_error(e: BaseException) -> bool:
   return isinstance(e, RuntimeError) and type(e).__module__.startswith('idenc_jax')
 
 
-def _drop_late_asyncio_callbacks(unraisable, default=sys.unraisablehook):
+def _drop_late_asyncio_callbacks(unraisable, default):
   """An unraisable-exception hook that drops one known harmless report: when an orbax restore fails (a damaged
   checkpoint), its other reads still in flight in tensorstore's threads finish after orbax closed their asyncio
   loop, and each prints "RuntimeError: Event loop is closed". The restore's own error is what the user needs;
@@ -144,7 +145,7 @@ def one_line_errors(main):
   traceback with IDENC_DEBUG=1)."""
   def wrapped(argv):
     if not os.environ.get(DEBUG_ENV):
-      sys.unraisablehook = _drop_late_asyncio_callbacks
+      sys.unraisablehook = functools.partial(_drop_late_asyncio_callbacks, default=sys.unraisablehook)
     try:
       return main(argv)
     except Exception as e:  # pylint: disable=broad-except
