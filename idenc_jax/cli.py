@@ -132,7 +132,7 @@ def _drop_late_asyncio_callbacks(unraisable, default):
   """An unraisable-exception hook that drops one known harmless report: when an orbax restore fails (a damaged
   checkpoint), its other reads still in flight in tensorstore's threads finish after orbax closed their asyncio
   loop, and each prints "RuntimeError: Event loop is closed". The restore's own error is what the user needs;
-  anything else goes to the default hook."""
+  anything else goes to `default`, the hook in place before."""
   exc = unraisable.exc_value
   if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
     logging.debug('dropped a late asyncio callback after a closed loop (an aborted checkpoint read)')
