@@ -127,6 +127,28 @@ def test_stream_kernels_count_without_a_derived_line():
   assert dict(total) == {'custom-call.7': 600.0, 'fusion.1': 100.0, 'fusion.3': 40.0}
 
 
+def test_kernels_replayed_from_a_cuda_graph_are_named_by_kernel():
+  """XLA:GPU replays fusions from CUDA graphs, whose kernels' hlo_op names the command buffer: the
+  join names them by kernel (fusion.3 -> fusion_3), and what matches nothing is reported, not dropped
+  (an H200 trace of 2026-12-04 lost half the step's device time this way)."""
+  meta = [{'ph': 'M', 'name': 'process_name', 'pid': 1, 'args': {'name': '/device:GPU:0'}},
+          {'ph': 'M', 'name': 'thread_name', 'pid': 1, 'tid': 10, 'args': {'name': 'Stream #14(Compute)'}}]
+  kernel = lambda name, hlo_op, dur: {'ph': 'X', 'pid': 1, 'tid': 10, 'name': name, 'dur': dur,
+                                      'args': {'hlo_op': hlo_op, 'hlo_module': 'jit_train_step'}}
+  events = [kernel('sm90_xmma_fprop', 'custom-call.7', 300.0), kernel('fusion_3', 'command_buffer_12', 20.0),
+            kernel('fusion_1', 'command_buffer_12', 50.0), kernel('memcpy128', 'command_buffer_12', 5.0),
+            kernel('cublas_gemm_1', 'command_buffer_12', 4.0)]
+  module, ops = op.parse_hlo(HLO)
+  total, count, unmatched = op.device_times({'traceEvents': meta + events}, module, ops)
+  assert dict(total) == {'custom-call.7': 300.0, 'fusion.3': 20.0, 'fusion.1': 50.0, 'cublas-gemm.1': 4.0}
+  assert unmatched == 5.0
+  s = op.summarize({'traceEvents': meta + events}, HLO, steps=1)
+  assert s['by_category_ms']['reduction'] == pytest.approx(0.02)
+  assert s['by_category_ms']['matmul'] == pytest.approx(0.004)
+  assert s['unmatched_device_ms_per_step'] == pytest.approx(0.005)
+  assert 'matched no operation' in op.format_summary(s)
+
+
 def test_empty_profile_is_an_error(tmp_path):
   with pytest.raises(ValueError, match='no operation'):
     op.summarize({'traceEvents': []}, HLO, steps=1)

@@ -170,24 +170,40 @@ def read_trace(trace_dir: str) -> dict:
     return json.load(f)
 
 
-def _event_op(event: dict, ops: dict[str, HloOp]) -> str | None:
+def kernel_names(ops: dict[str, HloOp]) -> dict[str, str]:
+  """{GPU kernel name: instruction}: XLA:GPU names a fusion's kernel after the instruction with '.' and
+  '-' made '_' (loop_add_fusion.22 -> loop_add_fusion_22)."""
+  return {re.sub(r'[.\-]', '_', name): name for name in ops}
+
+
+def _event_op(event: dict, ops: dict[str, HloOp], kernels: dict[str, str] | None = None) -> str | None:
   """The instruction an event ran: its `hlo_op` argument (GPU kernels; a comma-separated list where
-  one kernel serves several, charged to the first known) or its name (XLA:CPU thunks)."""
+  one kernel serves several, charged to the first known), its name (XLA:CPU thunks), or, for a kernel
+  replayed from a CUDA graph (`hlo_op` names the command buffer, not an instruction), its kernel name."""
   args = event.get('args') or {}
   for candidate in (args.get('hlo_op'), event.get('name')):
     for name in str(candidate or '').split(','):
       name = re.split(r'[\s:]', name.strip().lstrip('%'), maxsplit=1)[0]
       if name in ops:
         return name
-  return None
+  return (kernels or {}).get(str(event.get('name', '')))
 
 
 def op_times(trace: dict, module: str, ops: dict[str, HloOp]) -> tuple[collections.Counter, collections.Counter]:
-  """({instruction: total microseconds}, {instruction: events}) of the module's operations in a trace.
+  """({instruction: total microseconds}, {instruction: events}) of the module's operations in a trace."""
+  total, count, _ = device_times(trace, module, ops)
+  return total, count
+
+
+def device_times(trace: dict, module: str, ops: dict[str, HloOp]
+                 ) -> tuple[collections.Counter, collections.Counter, float]:
+  """`op_times` and the microseconds of device events on the same lines that match no instruction.
 
   On a trace with device processes (GPU, TPU) only their events count, and of those only the
   "XLA Ops" lines where the profiler derived them (they repeat the streams' kernels per operation);
-  events naming another module are skipped (instruction names repeat across modules).
+  events naming another module are skipped (instruction names repeat across modules). The unmatched
+  time (memset and memcpy kernels, kernels this join cannot name) is counted on device lines only: on
+  XLA:CPU every host event would count.
   """
   events = trace['traceEvents'] if isinstance(trace, dict) else trace
   processes = {e['pid']: e.get('args', {}).get('name', '') for e in events
@@ -195,18 +211,22 @@ def op_times(trace: dict, module: str, ops: dict[str, HloOp]) -> tuple[collectio
   threads = {(e['pid'], e.get('tid')): e.get('args', {}).get('name', '') for e in events
              if e.get('ph') == 'M' and e.get('name') == 'thread_name'}
   devices = {pid for pid, name in processes.items() if name.startswith('/device:')}
+  kernels = kernel_names(ops) if devices else {}
   lines: dict[Any, tuple[collections.Counter, collections.Counter]] = collections.defaultdict(
       lambda: (collections.Counter(), collections.Counter()))
+  unmatched: dict[Any, float] = collections.Counter()
   for e in events:
     if e.get('ph') != 'X' or (devices and e.get('pid') not in devices):
       continue
     event_module = str((e.get('args') or {}).get('hlo_module', ''))
     if event_module and module and event_module.split('(')[0] != module:
       continue
-    name = _event_op(e, ops)
+    key = (e.get('pid'), e.get('tid'))
+    name = _event_op(e, ops, kernels)
     if name is None:
+      unmatched[key] += float(e.get('dur', 0.0)) if devices else 0.0
       continue
-    total, count = lines[(e.get('pid'), e.get('tid'))]
+    total, count = lines[key]
     total[name] += float(e.get('dur', 0.0))
     count[name] += 1
   xla_ops = [key for key in lines if 'XLA Ops' in threads.get(key, '')]
@@ -214,13 +234,13 @@ def op_times(trace: dict, module: str, ops: dict[str, HloOp]) -> tuple[collectio
   for key in xla_ops or list(lines):
     total.update(lines[key][0])
     count.update(lines[key][1])
-  return total, count
+  return total, count, sum(unmatched[key] for key in (xla_ops or list(lines)))
 
 
 def summarize(trace: dict, hlo_text: str, steps: int, wall_s: float | None = None, top: int = 20) -> dict:
   """Per-step milliseconds of the module's operations by category and part, and the top operations."""
   module, ops = parse_hlo(hlo_text)
-  total, count = op_times(trace, module, ops)
+  total, count, unmatched_us = device_times(trace, module, ops)
   if not total:
     raise ValueError(f'the trace holds no operation of module {module!r}: was it captured while the step ran?')
   per_step = lambda us: us / 1e3 / steps
@@ -236,6 +256,8 @@ def summarize(trace: dict, hlo_text: str, steps: int, wall_s: float | None = Non
   op_ms = per_step(sum(total.values()))
   out = {
       'module': module, 'steps': steps, 'op_ms_per_step': op_ms,
+      # Device time the join could not name: were it large, the breakdown would leave work out.
+      'unmatched_device_ms_per_step': per_step(unmatched_us),
       'wall_ms_per_step': None if wall_s is None else 1e3 * wall_s / steps,
       'by_category_ms': by_category, 'by_part_ms': dict(by_part), 'part_by_category_ms': dict(matrix),
       'top_ops': [{'name': n, 'ms': per_step(us), 'calls_per_step': count[n] / steps,
@@ -250,7 +272,9 @@ def summarize(trace: dict, hlo_text: str, steps: int, wall_s: float | None = Non
 
 def format_summary(s: dict, title: str = '') -> str:
   lines = [f'{title or s["module"]}: operations {s["op_ms_per_step"]:.2f} ms per step'
-           + (f' (wall {s["wall_ms_per_step"]:.2f} ms)' if s.get('wall_ms_per_step') else '')]
+           + (f' (wall {s["wall_ms_per_step"]:.2f} ms)' if s.get('wall_ms_per_step') else '')
+           + (f', {s["unmatched_device_ms_per_step"]:.2f} ms of device events matched no operation'
+              if s.get('unmatched_device_ms_per_step') else '')]
   total = s['op_ms_per_step'] or 1.0
   lines.append('  by kind:  ' + ', '.join(f'{c} {ms:.2f} ms ({100 * ms / total:.0f}%)'
                                           for c, ms in s['by_category_ms'].items() if ms > 0))
