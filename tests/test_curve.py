@@ -27,6 +27,24 @@ def test_standard_error_is_the_binomial_one():
   assert curve.standard_error(None, 256) is None and curve.standard_error(0.5, 0) is None
 
 
+def test_face_points_take_their_errors_over_the_right_counts_and_plot(tmp_path):
+  # Real faces: no oracle; dlib found a face in 200 of 272 samples, 30 of them its own identity's.
+  m = {'face_rate': 200 / 272, 'no_face_generated': 72, 'id_accuracy': 30 / 200, 'id_chance': 1 / 34,
+       'id_score': 0.61, 'diversity': 0.1, 'oracle_id_accuracy': None}
+  p = curve.make_point(2000, 12.5, 5.0, 272, m)
+  assert p['face_rate_se'] == pytest.approx(math.sqrt((200 / 272) * (72 / 272) / 272))
+  assert p['id_accuracy_se'] == pytest.approx(math.sqrt(0.15 * 0.85 / 200))   # over the faces found, not 272
+  assert p['oracle_id_accuracy_se'] is None and p['id_chance'] == pytest.approx(1 / 34)
+  no_face = curve.make_point(1000, 6.0, 5.0, 272, {**m, 'face_rate': 0.0, 'no_face_generated': 272,
+                                                     'id_accuracy': None})
+  assert no_face['id_accuracy_se'] is None and no_face['face_rate_se'] == 0.0
+  curves = {'full': [no_face, p], 'diffae': [p]}
+  table = curve.curve_markdown(curves)
+  assert '| face_rate |' in table.replace('face_rate_se', '') and 'oracle_id_accuracy' not in table
+  curve.plot(curves, str(tmp_path / 'faces.png'), 'faces')
+  assert (tmp_path / 'faces.png').stat().st_size > 1000
+
+
 def test_a_misspelt_variant_field_fails_before_training(tmp_path):
   with pytest.raises(ValueError, match='unknown config field'):
     curve.run_curves(base.get_config('tiny'), str(tmp_path), [('a', {}), ('b', {'loss.weighing': 'min_snr'})],

@@ -9,13 +9,16 @@ every `--eval_every` steps, all kept; with `--max_steps` it also stops there, th
 rate). The wall time at each checkpoint is recorded from the start of its
 training call, compile and sample grids included: what a user waits for. Then every checkpoint is evaluated
 with the protocol of `--mode=eval` (`evaluate.protocol`, config.eval: references, samples, sampler, steps)
-at each guidance weight of `--guidance` (default config.eval.guidance): oracle top-1 and top-5 accuracy with
-their standard errors, the oracle Frechet distance and diversity. Variants train one after another in this
+at each guidance weight of `--guidance` (default config.eval.guidance): on synthetic identities the oracle's
+top-1 and top-5 accuracy with their standard errors and its Frechet distance; on real faces (`faces_cpu`)
+dlib's share of samples with a face, the ID accuracy among those faces (nearest identity mean descriptor)
+with its chance level, and the ID score; diversity on both. Variants train one after another in this
 process, so a comparison is one sitting on one machine; run it on an otherwise idle machine.
 
 Writes WORKDIR/curve.json (every point and the settings), curve.md (one table per variant) and curve.png
-(top-1 accuracy against minutes and against steps). A variant whose training finished (WORKDIR/NAME/clock.json)
-is not trained again, and evaluated points are kept (WORKDIR/NAME/points.json): a stopped run resumes.
+(the identity accuracy against minutes and against steps; on real faces also the face rate). A variant
+whose training finished (WORKDIR/NAME/clock.json) is not trained again, and evaluated points are kept
+(WORKDIR/NAME/points.json): a stopped run resumes.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from idenc_jax.train import checkpoint as ckpt_lib
 from idenc_jax.train import loop
 
 METRICS = ('oracle_id_accuracy', 'oracle_top5_accuracy', 'oracle_fd', 'diversity')
+# Real faces (no oracle): dlib's share of samples with a face, and the identity accuracy among those faces.
+FACE_METRICS = ('face_rate', 'id_accuracy', 'id_chance', 'id_score', 'no_face_generated')
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
@@ -60,6 +65,23 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
 def standard_error(p: float | None, n: int) -> float | None:
   """Binomial standard error sqrt(p (1 - p) / n) of an accuracy over n samples."""
   return None if p is None or n <= 0 else math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def make_point(step: int, minutes: float, guidance: float, samples: int, metrics: dict) -> dict:
+  """One curve point from the protocol's metrics, with binomial standard errors: the oracle's accuracies
+  and the face rate over all samples, the face ID accuracy over the samples in which dlib found a face."""
+  point = {'step': step, 'minutes': minutes, 'guidance': guidance, 'samples': samples,
+           **{k: metrics.get(k) for k in METRICS + FACE_METRICS + ('oracle_chance',)}}
+  for key in ('oracle_id_accuracy', 'oracle_top5_accuracy', 'face_rate'):
+    point[f'{key}_se'] = standard_error(point[key], samples)
+  faces = None if point['no_face_generated'] is None else samples - point['no_face_generated']
+  point['id_accuracy_se'] = standard_error(point['id_accuracy'], faces or 0)
+  return report.json_ready(point)
+
+
+def _accuracy_key(points: list[dict]) -> str:
+  """The curve's identity metric: the oracle's on synthetic identities, dlib's on real faces."""
+  return 'oracle_id_accuracy' if any(p.get('oracle_id_accuracy') is not None for p in points) else 'id_accuracy'
 
 
 def _has_checkpoint(workdir: str) -> bool:
@@ -113,24 +135,22 @@ def evaluate_checkpoints(config, workdir: str, clock: dict[str, float], weights:
     for w in todo:
       m, _ = run_protocol(config, p, eval_set, evaluator, sampler=ev.sampler, steps=steps, zs=zs, eta=ev.eta,
                           guidance=w)
-      point = {'step': step, 'minutes': clock[str(step)] / 60, 'guidance': w, 'samples': n,
-               **{k: m.get(k) for k in METRICS + ('oracle_chance', 'id_score', 'no_face_generated')}}
-      point['oracle_id_accuracy_se'] = standard_error(point['oracle_id_accuracy'], n)
-      point['oracle_top5_accuracy_se'] = standard_error(point['oracle_top5_accuracy'], n)
-      points.append(report.json_ready(point))
+      point = make_point(step, clock[str(step)] / 60, w, n, m)
+      points.append(point)
       logging.info('%s step %d (%.1f min), guidance %g: %s', os.path.basename(workdir), step, point['minutes'], w,
-                   {k: point[k] for k in METRICS})
+                   {k: point[k] for k in METRICS + FACE_METRICS if point[k] is not None})
       with open(path, 'w') as f:
         json.dump(points, f, indent=2)
   return sorted(points, key=lambda p: (p['guidance'], p['step']))
 
 
 def curve_markdown(curves: dict[str, list[dict]]) -> str:
-  cols = ['minutes', 'guidance', 'oracle_id_accuracy', 'oracle_id_accuracy_se', 'oracle_top5_accuracy',
-          'oracle_fd', 'diversity']
+  oracle = ['oracle_id_accuracy', 'oracle_id_accuracy_se', 'oracle_top5_accuracy', 'oracle_fd']
+  faces = ['face_rate', 'face_rate_se', 'id_accuracy', 'id_accuracy_se', 'id_chance', 'id_score']
   lines = ['# Time to identity', '']
   for name, points in curves.items():
-    lines += [f'## {name}', '', report.markdown_table(points, cols, first='step'), '']
+    cols = ['minutes', 'guidance'] + [c for c in oracle + faces if any(p.get(c) is not None for p in points)]
+    lines += [f'## {name}', '', report.markdown_table(points, cols + ['diversity'], first='step'), '']
   return '\n'.join(lines)
 
 
@@ -138,25 +158,37 @@ def plot(curves: dict[str, list[dict]], path: str, title: str):
   import matplotlib  # lazy: only the plot needs it
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+  everything = [p for pts in curves.values() for p in pts]
+  key = _accuracy_key(everything)
+  faces = any(p.get('face_rate') is not None for p in everything)
+  # Real faces get a third panel: the share of samples in which dlib finds a face, against minutes.
+  fig, axes = plt.subplots(1, 3 if faces else 2, figsize=(16 if faces else 11, 4))
   for name, points in curves.items():
     for w in sorted({p['guidance'] for p in points}):
-      pts = [p for p in points if p['guidance'] == w and p['oracle_id_accuracy'] is not None]
-      if not pts:
-        continue
-      acc = np.array([p['oracle_id_accuracy'] for p in pts])
-      se = np.array([p['oracle_id_accuracy_se'] or 0.0 for p in pts])
       label = name if len({p['guidance'] for p in points}) == 1 else f'{name}, w={w:g}'
-      for ax, key in zip(axes, ('minutes', 'step')):
-        x = np.array([p[key] for p in pts])
-        ax.errorbar(x, acc, yerr=se, marker='o', ms=3, capsize=2, label=label)
-  chance = next((p['oracle_chance'] for pts in curves.values() for p in pts if p.get('oracle_chance')), None)
-  for ax, xlabel in zip(axes, ('training wall time (minutes, compile included)', 'training steps')):
+      panels = [(axes[0], 'minutes', key), (axes[1], 'step', key)]
+      if faces:
+        panels.append((axes[2], 'minutes', 'face_rate'))
+      for ax, x_key, y_key in panels:
+        pts = [p for p in points if p['guidance'] == w and p.get(y_key) is not None]
+        if pts:
+          ax.errorbar([p[x_key] for p in pts], [p[y_key] for p in pts],
+                      yerr=[p.get(f'{y_key}_se') or 0.0 for p in pts], marker='o', ms=3, capsize=2, label=label)
+  chance_key = 'oracle_chance' if key == 'oracle_id_accuracy' else 'id_chance'
+  chance = next((p[chance_key] for p in everything if p.get(chance_key)), None)
+  for ax, xlabel in zip(axes[:2], ('training wall time (minutes, compile included)', 'training steps')):
     if chance:
       ax.axhline(chance, color='grey', ls=':', lw=1, label='chance' if ax is axes[0] else None)
     ax.set_xlabel(xlabel)
     ax.grid(alpha=0.3)
-  axes[0].set_ylabel('oracle top-1 accuracy (+- 1 s.e.)')
+  axes[1].sharey(axes[0])
+  axes[0].set_ylabel(('oracle top-1 accuracy' if key == 'oracle_id_accuracy' else
+                      'face ID accuracy among faces found') + ' (+- 1 s.e.)')
+  if faces:
+    axes[2].set_xlabel('training wall time (minutes, compile included)')
+    axes[2].set_ylabel('share of samples with a face (dlib)')
+    axes[2].set_ylim(0, 1)
+    axes[2].grid(alpha=0.3)
   axes[0].legend(fontsize=8)
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
