@@ -29,7 +29,6 @@ import os
 import platform
 import time
 
-import numpy as np
 from absl import flags, logging
 
 from idenc_jax import cli
