@@ -145,6 +145,11 @@ def _paper_config() -> config_dict.ConfigDict:
   t.grad_clip = 1.0
   t.ema_decay = 0.9999
   t.ema_warmup = 10             # EMA decay at update n: min(ema_decay, (1 + n) / (ema_warmup + n)); 0: off
+  # Optimizer, EMA and the non-finite guard on one flat vector of all parameters instead of array by array
+  # (idenc_jax/train/update.py): far fewer operations to compile, load and run on XLA:CPU; replicated
+  # parameters only (not FSDP), not stage 2. A checkpoint resumes only with the value it was written with.
+  # Off everywhere: it lengthens the first (cold) compile, which the main job pays (docs/performance.md).
+  t.flat_update = False
   t.log_every = 100
   t.checkpoint_every = 10_000
   t.keep_checkpoints = 3
@@ -329,6 +334,7 @@ def _apply_stage2(c, task: str):
   """
   c.stage = 2
   c.stage2.task = task
+  c.train.flat_update = False   # stage 2 freezes stage-1 parameters array by array
   c.loss.use_id_loss = False
   c.loss.use_agnostic = False
   # Restoration samples keep the input's block means / known pixels at every step (data consistency), with

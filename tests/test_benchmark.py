@@ -99,6 +99,8 @@ def test_variant_levers():
   paper = cli.load_config_file('configs/base.py:paper')
   assert levers.variant_config(paper, 'bf16').model.group_norm == 'flax'
   assert levers.variant_config(cpu, 'fp32+train.learning_rate=1e-4').train.learning_rate == 1e-4
+  assert levers.variant_config(paper, 'bf16+flat').train.flat_update is True
+  assert levers.variant_config(cpu, 'perarray').train.flat_update is False
 
 
 def test_overrides_are_typed_and_checked():

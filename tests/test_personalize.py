@@ -14,6 +14,7 @@ from idenc_jax.personalize import personalizer, references, sample_mode  # noqa:
 from idenc_jax.data import align  # noqa: E402
 from idenc_jax.train import checkpoint as ckpt_lib  # noqa: E402
 from idenc_jax.train import state as state_lib  # noqa: E402
+from idenc_jax.train import update as update_lib  # noqa: E402
 
 
 def shrink(c):
@@ -53,7 +54,7 @@ def save_checkpoint(config, params, workdir: str, step: int = 1) -> None:
   """Writes `params` (as params and EMA params) through the trainer's checkpoint format."""
   opt = state_lib.make_optimizer(config, params)
   state = state_lib.TrainState(step=np.int32(step), params=params, ema_params=params,
-                               opt_state=jax.tree.map(np.asarray, opt.init(params)),
+                               opt_state=jax.tree.map(np.asarray, update_lib.init_opt_state(config, opt, params)),
                                rng=np.zeros((2,), np.uint32))
   ck = ckpt_lib.Checkpointer(workdir, save_every=1, keep=1, async_save=False)
   ck.save(step, state, ckpt_lib.DataPosition(None), force=True)

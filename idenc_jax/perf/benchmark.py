@@ -13,8 +13,8 @@ device (with host: CPU model, cores, jax version). With several variants the obj
 runs in a fresh subprocess (its own peak memory; a crash or hang costs only that variant).
 
 A variant is levers joined by '+' (`idenc_jax.perf.levers`): fp32 | bf16, remat, fused / xla, mmgrad,
-gnfused / gnflax, b<N>, prefetch<N>, or any `section.field=value`; a lever a variant does not name keeps
-the config's value (the cpu configs use the fused group norm, so their plain float32 step is
+gnfused / gnflax, flat / perarray, b<N>, prefetch<N>, or any `section.field=value`; a lever a variant does
+not name keeps the config's value (the cpu configs use the fused group norm, so their plain float32 step is
 fp32+gnflax). Config fields are overridden as everywhere, `--config.section.field=value`.
 --interleave times all variants in one process in turns, for fair ratios on a loaded machine.
 --profile_dir=DIR adds, per variant, where the step's time goes (`idenc_jax.perf.op_profile`).

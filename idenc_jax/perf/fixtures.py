@@ -23,6 +23,7 @@ from idenc_jax.train import losses
 from idenc_jax.train import prefetch as prefetch_lib
 from idenc_jax.train import state as state_lib
 from idenc_jax.train import step as step_lib
+from idenc_jax.train import update as update_lib
 
 
 def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -77,7 +78,7 @@ def build_state(config, seed: int = 0):
   host_params = random_params(abstract, seed)
   params = jax.device_put(host_params)
   optimizer = state_lib.make_optimizer(config, params)
-  opt_state = jax.jit(optimizer.init)(params)
+  opt_state = jax.jit(lambda p: update_lib.init_opt_state(config, optimizer, p))(params)
   # EMA gets buffers of its own: the donated state must not hold one buffer twice.
   state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                ema_params=jax.device_put(host_params), opt_state=opt_state,

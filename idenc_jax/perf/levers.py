@@ -2,6 +2,7 @@
 
 A lever names config fields and their values: fp32 | bf16 (model.dtype), remat / noremat (model.remat),
 fused / xla (model.attention), mmgrad (model.conv_grad='matmul'), gnfused / gnflax (model.group_norm),
+flat / perarray (train.flat_update: the optimizer, EMA and guard on one flat vector or array by array),
 ynnconv / xnnconv / onednnconv (XLA:CPU's YNNPACK / XNNPACK / oneDNN convolutions, train.compiler_options),
 b<N> (train.batch_size), prefetch<N> (data.prefetch), or any `section.field=value`. A field that no
 lever of a variant names keeps the config's value, so a variant says only what it changes.
@@ -26,6 +27,8 @@ LEVERS = {
     'mmgrad': {'model.conv_grad': 'matmul'},
     'gnfused': {'model.group_norm': 'fused'},
     'gnflax': {'model.group_norm': 'flax'},
+    'flat': {'train.flat_update': True},
+    'perarray': {'train.flat_update': False},
     # XLA:CPU's library fusions for convolutions (train.compiler_options; a variant takes one of them).
     **{f'{lib}conv': {'train.compiler_options': f'xla_cpu_experimental_{lib}_fusion_type='
                                                 'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'}

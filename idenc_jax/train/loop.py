@@ -102,7 +102,7 @@ def initial_state(config, mesh, checkpointer, data_position):
                                     abstract, shardings)
 
     def resume(step_dir):
-      check_resumable(config, abstract.params, step_dir, checkpointer.workdir)
+      check_resumable(config, abstract, step_dir, checkpointer.workdir)
       logging.info('Resuming from the workdir checkpoint at step %s.', step_dir.name)
       return checkpointer.restore(int(step_dir.name), abstract_sharded, data_position)
     # A damaged newest step (a truncated file, flipped bytes) falls back to the one before, with a warning; the
@@ -119,13 +119,18 @@ def initial_state(config, mesh, checkpointer, data_position):
   return state, shardings
 
 
-def check_resumable(config, abstract_params, step_dir, workdir: str) -> None:
+def check_resumable(config, abstract_state, step_dir, workdir: str) -> None:
   """IncompatibleCheckpointError (a ValueError), before anything is restored or written, when the checkpoint at
-  `step_dir` holds another model than `config` builds: it names the first differing parameter and the config
-  fields that differ from the run's config.json."""
-  want, got = ckpt_lib.shapes_by_path(abstract_params), ckpt_lib.saved_shapes(str(step_dir))
+  `step_dir` holds another model than `config` builds (it names the first differing parameter) or another
+  layout of the optimizer state (config.train.flat_update), with the config fields that differ from the run's
+  config.json."""
+  want, got = ckpt_lib.shapes_by_path(abstract_state.params), ckpt_lib.saved_shapes(str(step_dir))
   bad = ckpt_lib.first_shape_difference(want, got)
-  if bad is None:
+  # The optimizer state's paths are spelt differently in checkpoint metadata (namedtuples), so its arrays
+  # are compared by shape: one flat vector per moment, or one array per parameter.
+  want_opt = sorted(ckpt_lib.shapes_by_path(abstract_state.opt_state).values())
+  got_opt = sorted(ckpt_lib.saved_shapes(str(step_dir), 'opt_state').values())
+  if bad is None and want_opt == got_opt:
     return
   fields = ''
   saved = epath.Path(workdir) / 'config.json'
@@ -134,9 +139,15 @@ def check_resumable(config, abstract_params, step_dir, workdir: str) -> None:
     new = _flat(json.loads(config.to_json_best_effort()))
     diff = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     fields = f'; config fields changed since config.json: {", ".join(diff[:6]) or "none"}'
+  if bad is not None:
+    what = f'a checkpoint of another model: params{bad} is {got.get(bad)} there but {want.get(bad)} in this config'
+  else:
+    what = (f'a checkpoint whose optimizer state is laid out otherwise ({len(got_opt)} arrays there, {len(want_opt)} '
+            'in this config: config.train.flat_update keeps the moments as one flat vector or one array per '
+            'parameter)')
   raise ckpt_lib.IncompatibleCheckpointError(
-      f'{workdir} holds a checkpoint of another model: params{bad} is {got.get(bad)} there but {want.get(bad)} in '
-      f'this config{fields}. Train in a new --workdir, or pass the config the checkpoint was trained with.')
+      f'{workdir} holds {what}{fields}. Train in a new --workdir, or pass the config the checkpoint was trained '
+      'with.')
 
 
 def _init_from_earlier_stage(config, state: state_lib.TrainState) -> state_lib.TrainState:

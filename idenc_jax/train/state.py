@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from idenc_jax import models
+from idenc_jax.train import update as update_lib
 
 
 @flax.struct.dataclass
@@ -110,7 +111,7 @@ def create_train_state(config, rng: jax.Array, params=None) -> TrainState:
     params = init_params(config, rng_params)
   opt = make_optimizer(config, params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=opt.init(params), rng=jax.random.key_data(rng_train))
+                    opt_state=update_lib.init_opt_state(config, opt, params), rng=jax.random.key_data(rng_train))
 
 
 def merge_pretrained(fresh: dict, loaded: dict, prefix: str = '') -> tuple[dict, list[str], list[str]]:

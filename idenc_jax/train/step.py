@@ -10,6 +10,7 @@ from idenc_jax import models
 from idenc_jax.train import losses
 from idenc_jax.diffusion import schedules
 from idenc_jax.train import state as state_lib
+from idenc_jax.train import update as update_lib
 
 
 def compiler_options(config, extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -67,19 +68,12 @@ def make_train_step(config, optimizer: optax.GradientTransformation):
     # Per-step randomness from the step number: a resumed run draws exactly the same numbers.
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, state.step)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     decay = ema_decay(state.step)
-    # e + (1-d)(p-e) rather than d*e + (1-d)*p: equal in exact arithmetic, but this form leaves an
-    # unchanged parameter's average bit-identical (stage 2's frozen weights), which the other rounds.
-    ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params)
     # A non-finite loss or gradient leaves the state untouched (step included); the host loop sees
     # `finite == 0` and stops, so the last checkpoint stays good.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = state.replace(step=state.step + finite.astype(jnp.int32), params=keep(params, state.params),
-                              ema_params=keep(ema, state.ema_params), opt_state=keep(opt_state, state.opt_state))
+    params, ema, opt_state, grad_norm, finite = update_lib.apply(config, optimizer, state, grads, loss, decay)
+    new_state = state.replace(step=state.step + finite.astype(jnp.int32), params=params, ema_params=ema,
+                              opt_state=opt_state)
     metrics = dict(metrics, grad_norm=grad_norm, learning_rate=lr(state.step), ema_decay=decay,
                    finite=finite.astype(jnp.float32), step=state.step)
     return new_state, metrics
