@@ -15,8 +15,9 @@
 #       log.txt, env.txt, table.txt, and the first variant's train-step trace) and a table.
 # Each part runs under `timeout`, and variants that would start after the deadline are skipped, so
 # one hang cannot eat the lease. Everything ends within 580 s of the start: run it with the device
-# tool's timeout_s=600 (an H100 or H200 compiles the paper config's train step in ~165 s, so about two
-# variants fit with their sampling steps and profiles; the H200 run of 2026-12-04 ended at 507 s).
+# tool's timeout_s=600. An H100 or H200 compiles the paper config's train step in ~165 s, so after the
+# correctness check (~130 s) one variant fits with its sampling step and profile (212 s on the H200 of
+# 2026-12-04), two when the same process compiles a second (its compile reuses the first's autotuning).
 #
 # Dry run on a CPU machine (tiny config everywhere, a few seconds of timing):
 #   IDENC_GPU_CHECK_CPU=1 OUT=/tmp/gpu_check bash launch/gpu_check.sh
@@ -56,9 +57,13 @@ else
   PEAK=--peak_flops=989.4e12   # H100/H200 SXM dense bf16 datasheet; the measured matmul is recorded too
   # bf16 and bf16+gnfused were measured on an H200 on 2026-12-04 (the fused norm 0.96x there).
   VARIANTS=bf16+fused,bf16,fp32,bf16+remat,bf16+gnfused; FAST=""
-  # The check took 124 s on that H200 (three tiny-model compiles with autotuning, and the CPU reference).
+  # The check took 124-131 s on that H200 (three tiny-model compiles with autotuning, and the CPU reference).
   BUDGET=${IDENC_GPU_CHECK_BUDGET:-560}; CHECK_TIMEOUT=200; WARM=50
 fi
+# A follow-up run on a short lease can time other variants and skip the parts already measured:
+#   IDENC_GPU_CHECK_VARIANTS=bf16+flat,bf16 IDENC_GPU_CHECK_CORRECTNESS=0 IDENC_GPU_CHECK_WARM=0
+VARIANTS=${IDENC_GPU_CHECK_VARIANTS:-$VARIANTS}
+[ "${IDENC_GPU_CHECK_WARM:-1}" = 0 ] && WARM=0
 
 {
   echo "start $(date -u +%FT%TZ)"
@@ -71,6 +76,7 @@ fi
 cat "$OUT/env.txt"
 
 echo "== (a) correctness, tiny config ($(elapsed) s)"
+if [ "${IDENC_GPU_CHECK_CORRECTNESS:-1}" = 0 ]; then echo "skipped (IDENC_GPU_CHECK_CORRECTNESS=0)"; else
 # The tiny config defaults to the fused norm (as the cpu one): the reference and the plain variants
 # use nn.GroupNorm, bf16+gnfused the fused op.
 timeout "$CHECK_TIMEOUT" $PY -m idenc_jax.perf.benchmark --check --config=configs/base.py:tiny \
@@ -78,6 +84,7 @@ timeout "$CHECK_TIMEOUT" $PY -m idenc_jax.perf.benchmark --check --config=config
   --json_out="$OUT/check.json" 2>>"$LOG" | grep -v '^{'
 CHECK_RC=${PIPESTATUS[0]}
 [ $CHECK_RC = 0 ] || echo "correctness check exited with $CHECK_RC (see log.txt)"
+fi
 
 echo "== (b) speed, $BENCH_CONFIG batch $BATCH ($(elapsed) s)"
 PROFILES=/tmp/idenc_gpu_profiles   # deep trace folders stay here; $OUT gets the summaries (at most 8 files back)
@@ -104,7 +111,9 @@ BENCH_RC=${PIPESTATUS[0]}
 echo "== (c) warm start: the first variant again in a new process, compiled from the cache ($(elapsed) s)"
 FIRST=${VARIANTS%%,*}
 LEFT=$(( BUDGET - $(elapsed) ))
-if [ $LEFT -ge 25 ]; then
+if [ $WARM = 0 ]; then
+  echo "skipped (IDENC_GPU_CHECK_WARM=0)"
+elif [ $LEFT -ge 25 ]; then
   timeout $LEFT $PY -m idenc_jax.perf.benchmark --config="$BENCH_CONFIG" --config.train.batch_size=$BATCH \
     --variants="$FIRST" --steps=1 --warmup=0 --sample_batch=$SAMPLE $PEAK --isolate=no $FAST \
     --json_out="$OUT/warm_start.json" 2>>"$LOG" | grep -v '^{'
