@@ -94,11 +94,16 @@ def test_flat_layout_keeps_the_moments_as_one_vector():
   assert all(x.ndim == 0 for x in jax.tree.leaves(state.opt_state) if x.ndim != 1)
 
 
-def test_stage2_refuses_the_flat_update():
+def test_stage2_and_fsdp_refuse_the_flat_update():
   config = base.get_config('sr_cpu')
   assert not update_lib.is_flat(config)   # stage 2 configs turn it off
   config.train.flat_update = True
   with pytest.raises(ValueError, match='flat_update=True does not apply to stage 2'):
+    update_lib.is_flat(config)
+  config = _config(True)
+  assert update_lib.is_flat(config)
+  config.mesh.fsdp = -1
+  with pytest.raises(ValueError, match=r'needs replicated parameters, but config.mesh.fsdp=-1'):
     update_lib.is_flat(config)
 
 

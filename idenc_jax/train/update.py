@@ -20,10 +20,14 @@ from jax.flatten_util import ravel_pytree
 
 
 def is_flat(config) -> bool:
-  """Whether the update runs on one flat vector (config.train.flat_update; never in stage 2)."""
+  """Whether the update runs on one flat vector (config.train.flat_update; never in stage 2 or with FSDP)."""
   if config.train.flat_update and config.stage == 2:
     raise ValueError('config.train.flat_update=True does not apply to stage 2 (it freezes the stage-1 '
                      'parameters array by array): set it to False.')
+  if config.train.flat_update and config.mesh.fsdp != 1:
+    raise ValueError(f'config.train.flat_update=True needs replicated parameters, but config.mesh.fsdp='
+                     f'{config.mesh.fsdp} shards them (the flat vector would gather every shard): set one of '
+                     'them back.')
   return bool(config.train.flat_update)
 
 
