@@ -5,7 +5,7 @@
 #       before) against the CPU's float32 value, computed beside it in a JAX_PLATFORMS=cpu subprocess;
 #       3 finite train steps;
 #   (b) speed: the paper config at batch 128 on one GPU, lever settings in order of importance
-#       (bf16+fused, bf16, fp32, bf16+remat, bf16+gnfused), each with the sampling step at
+#       (bf16+flat, bf16, fp32, bf16+remat, bf16+fused, bf16+gnfused), each with the sampling step at
 #       batch 128 and an operation profile of both steps (idenc_jax/perf/op_profile.py: time by kind of
 #       operation and by part of the model, the top operations), MFU against the dense bf16
 #       datasheet peak (--peak_flops) with the measured matmul alongside;
@@ -55,13 +55,14 @@ if [ "${IDENC_GPU_CHECK_CPU:-0}" = 1 ]; then
 else
   BENCH_CONFIG=configs/base.py:paper; BATCH=128; SAMPLE=128; STEPS=5; WARMUP=3
   PEAK=--peak_flops=989.4e12   # H100/H200 SXM dense bf16 datasheet; the measured matmul is recorded too
-  # bf16 and bf16+gnfused were measured on an H200 on 2026-12-04 (the fused norm 0.96x there).
-  VARIANTS=bf16+fused,bf16,fp32,bf16+remat,bf16+gnfused; FAST=""
+  # Measured on an H200 on 2026-12-04: bf16 (twice), bf16+gnfused (0.96x), bf16+fused (one run of its
+  # own). Not yet: the flat update beside bf16 in one run, then fp32 and remat.
+  VARIANTS=bf16+flat,bf16,fp32,bf16+remat,bf16+fused,bf16+gnfused; FAST=""
   # The check took 124-131 s on that H200 (three tiny-model compiles with autotuning, and the CPU reference).
   BUDGET=${IDENC_GPU_CHECK_BUDGET:-560}; CHECK_TIMEOUT=200; WARM=50
 fi
 # A follow-up run on a short lease can time other variants and skip the parts already measured:
-#   IDENC_GPU_CHECK_VARIANTS=bf16+flat,bf16 IDENC_GPU_CHECK_CORRECTNESS=0 IDENC_GPU_CHECK_WARM=0
+#   IDENC_GPU_CHECK_VARIANTS=fp32,bf16+remat IDENC_GPU_CHECK_CORRECTNESS=0 IDENC_GPU_CHECK_WARM=0
 VARIANTS=${IDENC_GPU_CHECK_VARIANTS:-$VARIANTS}
 [ "${IDENC_GPU_CHECK_WARM:-1}" = 0 ] && WARM=0
 
