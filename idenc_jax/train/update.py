@@ -21,14 +21,16 @@ from jax.flatten_util import ravel_pytree
 
 def is_flat(config) -> bool:
   """Whether the update runs on one flat vector (config.train.flat_update; never in stage 2 or with FSDP)."""
-  if config.train.flat_update and config.stage == 2:
+  if not config.train.flat_update:
+    return False
+  if config.stage == 2:
     raise ValueError('config.train.flat_update=True does not apply to stage 2 (it freezes the stage-1 '
                      'parameters array by array): set it to False.')
-  if config.train.flat_update and config.mesh.fsdp != 1:
+  if config.mesh.fsdp != 1:
     raise ValueError(f'config.train.flat_update=True needs replicated parameters, but config.mesh.fsdp='
                      f'{config.mesh.fsdp} shards them (the flat vector would gather every shard): set one of '
                      'them back.')
-  return bool(config.train.flat_update)
+  return True
 
 
 def init_opt_state(config, optimizer: optax.GradientTransformation, params) -> Any:
@@ -39,25 +41,18 @@ def init_opt_state(config, optimizer: optax.GradientTransformation, params) -> A
 def apply(config, optimizer: optax.GradientTransformation, state, grads, loss: jax.Array, decay: jax.Array):
   """One update of `state` (a TrainState) by `grads`: returns (params, ema_params, opt_state, grad_norm,
   finite). A non-finite loss or gradient norm leaves parameters, EMA and optimizer state unchanged."""
-  if not is_flat(config):
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    # e + (1-d)(p-e) rather than d*e + (1-d)*p: equal in exact arithmetic, but this form leaves an
-    # unchanged parameter's average bit-identical (stage 2's frozen weights), which the other rounds.
-    ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    return (keep(params, state.params), keep(ema, state.ema_params), keep(opt_state, state.opt_state),
-            grad_norm, finite)
-  g, unravel = ravel_pytree(grads)
-  p, _ = ravel_pytree(state.params)
-  e, _ = ravel_pytree(state.ema_params)
+  # The same arithmetic on either layout: the flat vector is a pytree of one leaf.
+  if is_flat(config):
+    g, unravel = ravel_pytree(grads)
+    p, e = ravel_pytree(state.params)[0], ravel_pytree(state.ema_params)[0]
+  else:
+    g, p, e, unravel = grads, state.params, state.ema_params, lambda tree: tree
   grad_norm = optax.tree.norm(g)
   updates, opt_state = optimizer.update(g, state.opt_state, p)
   new_p = optax.apply_updates(p, updates)
-  new_e = e + (1.0 - decay) * (new_p - e)
+  # e + (1-d)(p-e) rather than d*e + (1-d)*p: equal in exact arithmetic, but this form leaves an
+  # unchanged parameter's average bit-identical (stage 2's frozen weights), which the other rounds.
+  new_e = jax.tree.map(lambda e_, p_: e_ + (1.0 - decay) * (p_ - e_), e, new_p)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), opt_state, state.opt_state)
-  return (unravel(jnp.where(finite, new_p, p)), unravel(jnp.where(finite, new_e, e)), opt_state, grad_norm,
-          finite)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  return unravel(keep(new_p, p)), unravel(keep(new_e, e)), keep(opt_state, state.opt_state), grad_norm, finite
