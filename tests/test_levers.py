@@ -170,6 +170,25 @@ def test_matmul_grad_conv_falls_back_outside_its_case():
     conv_ops.conv_impl('cudnn')
 
 
+@pytest.mark.parametrize('size,c_out,matmul', [(16, 32, True), (8, 32, False), (16, 16, False)])
+def test_matmul_wide_takes_the_matmul_form_only_for_wide_convolutions(size, c_out, matmul):
+  """'matmul_wide': the custom gradient exactly where the rule says (>= 32 outputs, maps >= 16), XLA's
+  elsewhere, and the kernel gradient equal to numpy's either way."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, size, size, 4)).astype(np.float32)
+  w = (0.1 * rng.standard_normal((3, 3, 4, c_out))).astype(np.float32)
+  dy = rng.standard_normal((2, size, size, c_out)).astype(np.float32)
+  impl = conv_ops.conv_impl('matmul_wide')['conv_general_dilated']
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ('NHWC', 'HWIO', 'NHWC'))
+  conv = lambda w_: impl(jnp.asarray(x), w_, (1, 1), [(1, 1), (1, 1)], dimension_numbers=dn)
+  assert ('custom_vjp_call' in str(jax.make_jaxpr(conv)(w))) == matmul
+  dw = jax.vjp(conv, jnp.asarray(w))[1](jnp.asarray(dy))[0]
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).astype(np.float64)
+  dw_ref = np.stack([np.stack([np.einsum('bhwi,bhwo->io', xp[:, i:i + size, j:j + size], dy) for j in range(3)])
+                     for i in range(3)])
+  np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-4)
+
+
 def _numpy_attention(q, k, v):
   logits = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
   p = np.exp(logits - logits.max(-1, keepdims=True))

@@ -1,7 +1,8 @@
 """Variants of a config: performance levers joined by '+', e.g. 'bf16+remat+b256'.
 
 A lever names config fields and their values: fp32 | bf16 (model.dtype), remat / noremat (model.remat),
-fused / xla (model.attention), mmgrad (model.conv_grad='matmul'), gnfused / gnflax (model.group_norm),
+fused / xla (model.attention), mmgrad / mmgradwide (model.conv_grad='matmul' / 'matmul_wide'),
+gnfused / gnflax (model.group_norm),
 flat / perarray (train.flat_update: the optimizer, EMA and guard on one flat vector or array by array),
 ynnconv / xnnconv / onednnconv (XLA:CPU's YNNPACK / XNNPACK / oneDNN convolutions, train.compiler_options),
 b<N> (train.batch_size), prefetch<N> (data.prefetch), or any `section.field=value`. A field that no
@@ -25,6 +26,7 @@ LEVERS = {
     'fused': {'model.attention': 'fused'},
     'xla': {'model.attention': 'xla'},
     'mmgrad': {'model.conv_grad': 'matmul'},
+    'mmgradwide': {'model.conv_grad': 'matmul_wide'},
     'gnfused': {'model.group_norm': 'fused'},
     'gnflax': {'model.group_norm': 'flax'},
     'flat': {'train.flat_update': True},

@@ -1,4 +1,7 @@
-"""Convolutions of the models, and `model.conv_grad='matmul'`: kernel gradients as one matmul per tap."""
+"""Convolutions of the models, and `model.conv_grad='matmul'` / `'matmul_wide'`: kernel gradients as one matmul
+per tap (everywhere / only where that beat XLA:CPU's own)."""
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -47,10 +50,18 @@ def _matmul_grad_bwd(res, dy):
 same_conv_matmul_grad.defvjp(_matmul_grad_fwd, _matmul_grad_bwd)
 
 
+# 'matmul_wide' takes the matmul form only for convolutions this wide and this large: on XLA:CPU (2-core AMD
+# EPYC, jax 0.10.2) it beat XLA's own kernel gradient there (8.8 -> 4.6 ms at 32x32, 32 -> 32 channels, batch
+# 16) and lost or tied below (16 output channels, or 8x8 and smaller maps: docs/performance.md).
+WIDE_MIN_OUT_CHANNELS = 32
+WIDE_MIN_SIZE = 16
+
+
 def _conv_with_matmul_grad(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                           dimension_numbers=None, feature_group_count=1, **kwargs):
+                           dimension_numbers=None, feature_group_count=1, *, wide_only=False, **kwargs):
   """A drop-in `lax.conv_general_dilated` for nn.Conv: the matmul-gradient path where it applies
-  (stride 1, no dilation, one group, NHWC/HWIO, odd kernel, 'same' padding), lax otherwise."""
+  (stride 1, no dilation, one group, NHWC/HWIO, odd kernel, 'same' padding; with wide_only, also at least
+  WIDE_MIN_OUT_CHANNELS outputs on a map of at least WIDE_MIN_SIZE), lax otherwise."""
   kh, kw = rhs.shape[:2]
   same = [(kh // 2, kh // 2), (kw // 2, kw // 2)]
   pads = padding if isinstance(padding, str) else [tuple(p) for p in padding]
@@ -59,6 +70,8 @@ def _conv_with_matmul_grad(lhs, rhs, window_strides, padding, lhs_dilation=None,
       and feature_group_count == 1 and kh % 2 == 1 and kw % 2 == 1 and pads in ('SAME', same)
       and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
       and kwargs.get('precision') is None and kwargs.get('preferred_element_type') is None)
+  if wide_only:
+    applies = applies and rhs.shape[3] >= WIDE_MIN_OUT_CHANNELS and min(lhs.shape[1:3]) >= WIDE_MIN_SIZE
   if not applies:
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count, **kwargs)
@@ -71,7 +84,9 @@ def conv_impl(conv_grad: str) -> dict:
     return {}
   if conv_grad == 'matmul':
     return {'conv_general_dilated': _conv_with_matmul_grad}
-  raise ValueError(f"model.conv_grad must be 'xla' or 'matmul', got {conv_grad!r}")
+  if conv_grad == 'matmul_wide':
+    return {'conv_general_dilated': functools.partial(_conv_with_matmul_grad, wide_only=True)}
+  raise ValueError(f"model.conv_grad must be 'xla', 'matmul' or 'matmul_wide', got {conv_grad!r}")
 
 
 def conv3x3(features, dtype, name, zero=False, conv_grad='xla'):
