@@ -52,7 +52,8 @@ same_conv_matmul_grad.defvjp(_matmul_grad_fwd, _matmul_grad_bwd)
 
 # 'matmul_wide' takes the matmul form only for convolutions this wide and this large: on XLA:CPU (2-core AMD
 # EPYC, jax 0.10.2) it beat XLA's own kernel gradient there (8.8 -> 4.6 ms at 32x32, 32 -> 32 channels, batch
-# 16) and lost or tied below (16 output channels, or 8x8 and smaller maps: docs/performance.md).
+# 16) and lost or tied below (16 output channels, or 8x8 and smaller maps). On the whole `cpu` train step it
+# measured 1.01x, inside the noise (docs/performance.md), so no config turns it on.
 WIDE_MIN_OUT_CHANNELS = 32
 WIDE_MIN_SIZE = 16
 
