@@ -23,7 +23,7 @@ ALLOWED = {
     'train': {'models', 'data', 'diffusion'},
     'personalize': {'models', 'data', 'diffusion', 'train', 'progress', 'configs'},   # configs: a run's config.json
     'evaluate': {'models', 'data', 'diffusion', 'train', 'personalize', 'progress'},
-    'perf': {'models', 'data', 'diffusion', 'train', 'cli', 'configs'},
+    'perf': {'models', 'data', 'diffusion', 'train', 'personalize', 'cli', 'configs'},   # personalize: latency
     'experiments': {'models', 'data', 'diffusion', 'train', 'personalize', 'evaluate', 'cli', 'progress', 'configs'},
     'demo': {'models', 'data', 'diffusion', 'personalize', 'cli', 'progress', 'configs'},
     'main': {'cli'},   # the modes' modules are imported by name at run time

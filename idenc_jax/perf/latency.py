@@ -87,7 +87,9 @@ class TorchPersonalizer:
     with self.torch.no_grad():
       return self.models.encoder(x).mean(0)
 
-  def generate(self, z, num: int, steps: int, seed: int = 0) -> np.ndarray:
+  def generate(self, z, num: int, *, sampler: str = 'ddim', steps: int = 25, seed: int = 0) -> np.ndarray:
+    if sampler != 'ddim':
+      raise ValueError(f'The PyTorch twin samples with ddim only, got {sampler!r}.')
     r = self.config.model.resolution
     x_T = self.torch.randn(num, 3, r, r, generator=self.torch.Generator().manual_seed(seed))
     out = torch_ddim(self.models.generator, ddim_tables(self.config, steps), z, x_T, self.config.sample.guidance)
@@ -119,12 +121,9 @@ def measure_latency(config, *, images: int = 8, steps: int = 25, references: int
 
   def once(name, side):
     z, te = _timed(lambda: side.embed(refs))
-    if name == 'jax':
-      out, tg = _timed(lambda: side.generate(z, images, sampler='ddim', steps=steps, seed=0))
-    else:
-      out, tg = _timed(lambda: side.generate(z, images, steps))
+    out, tg = _timed(lambda: side.generate(z, images, sampler='ddim', steps=steps, seed=0))
     if out.shape != (images, r, r, 3):
-      raise AssertionError(f'{name} returned images of shape {out.shape}')
+      raise RuntimeError(f'{name} returned images of shape {out.shape}, not {(images, r, r, 3)}')
     return te, tg
 
   for name, side in sides.items():   # first calls: ours compiles here
