@@ -13,13 +13,11 @@ from configs import base  # noqa: E402
 from idenc_jax import models  # noqa: E402
 from idenc_jax.diffusion import generate as generate_lib, samplers, schedules  # noqa: E402
 from idenc_jax.perf import fixtures, latency, torch_model  # noqa: E402
-from idenc_jax.train import state as state_lib  # noqa: E402
 
 
 def _setup(variant):
   config = base.get_config(variant)
-  abstract = jax.eval_shape(lambda k: state_lib.init_params(config, k), jax.random.key(0))
-  params = fixtures.random_params(abstract, 0)
+  params = fixtures.model_params(config, 0)
   twin = torch_model.build(config)
   torch_model.load_flax_params(twin, params)
   twin.eval()

@@ -19,11 +19,6 @@ def _nchw(x):
   return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
 
 
-def _params(config, seed=0):
-  abstract = jax.eval_shape(lambda k: state_lib.init_params(config, k), jax.random.key(seed))
-  return fixtures.random_params(abstract, seed)
-
-
 @pytest.mark.parametrize('variant,mlp_ratio', [('paper', None), ('paper', 0), ('cpu', None)])
 def test_parameter_counts_are_equal(variant, mlp_ratio):
   config = base.get_config(variant)
@@ -42,7 +37,7 @@ def test_parameter_counts_are_equal(variant, mlp_ratio):
 @pytest.mark.parametrize('variant', ['tiny', 'cpu'])
 def test_outputs_equal_with_our_weights(variant):
   config = base.get_config(variant)
-  params = _params(config)
+  params = fixtures.model_params(config)
   twin = torch_model.build(config)
   torch_model.load_flax_params(twin, params)
   r, d = config.model.resolution, config.model.embed_dim
@@ -86,7 +81,7 @@ def test_training_loss_and_gradients_equal_ours(variant, step, batch):
   config.train.batch_size = batch
   seed = 0
   loss, metrics, grads = fixtures.fixed_batch_loss_and_grads(config, seed, step)
-  params, batch = _params(config, seed), fixtures.synthetic_batch(config, seed)
+  params, batch = fixtures.model_params(config, seed), fixtures.synthetic_batch(config, seed)
   twin = torch_model.build(config)
   torch_model.load_flax_params(twin, params)
   draws = _jax_draws(config, batch, jax.random.key(seed + 7), step)

@@ -115,7 +115,7 @@ def _denoise(eps_fn: EpsFn, schedule: NoiseSchedule, x: jax.Array, t: jax.Array,
   return x0, eps
 
 
-def _respaced(schedule: NoiseSchedule, ts: np.ndarray):
+def respaced(schedule: NoiseSchedule, ts: np.ndarray):
   """alpha_bar, 1 - alpha_bar at ts and at the next visited timestep (alpha_bar = 1 after t = 0)."""
   ab = schedule.alphas_cumprod[ts]
   # 1 - alpha_bar from the float64-derived sqrt array: exact near t = 0 where alpha_bar ~ 1.
@@ -158,7 +158,7 @@ def ddpm_sample(eps_fn: EpsFn, schedule: NoiseSchedule, x_T: jax.Array, rng: jax
     std = jnp.sqrt(schedule.posterior_variance[ts])
   else:
     ts = timestep_subsequence(schedule, num_steps, spacing, start_t)
-    ab, om, ab_next, om_next = _respaced(schedule, ts)
+    ab, om, ab_next, om_next = respaced(schedule, ts)
     beta = (om - om_next) / ab_next      # 1 - alpha_bar_t / alpha_bar_next
     coef1 = beta * jnp.sqrt(ab_next) / om
     coef2 = jnp.sqrt(ab / ab_next) * om_next / om
@@ -196,7 +196,7 @@ def ddim_sample(eps_fn: EpsFn, schedule: NoiseSchedule, x_T: jax.Array, num_step
     _check_rng(rng, 'ddim_sample with eta > 0')
   x_T = _as_float32(x_T)
   ts = timestep_subsequence(schedule, num_steps, spacing, start_t)
-  ab, om, ab_next, om_next = _respaced(schedule, ts)
+  ab, om, ab_next, om_next = respaced(schedule, ts)
   sigma = eta * jnp.sqrt(om_next / om * (om - om_next) / ab_next)
   dir_coef = jnp.sqrt(jnp.maximum(om_next - sigma ** 2, 0.0))
   keys = jax.random.split(rng, num_steps) if stochastic else jnp.zeros((num_steps,), jnp.uint32)

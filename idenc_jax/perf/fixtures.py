@@ -72,10 +72,15 @@ def random_params(abstract_params, seed: int = 0):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def model_params(config, seed: int = 0):
+  """`random_params` of the shapes `config`'s model has ({'generator', 'encoder', ...})."""
+  abstract = jax.eval_shape(lambda k: state_lib.init_params(config, k), jax.random.key(seed))
+  return random_params(abstract, seed)
+
+
 def build_state(config, seed: int = 0):
   """(train state on the default device with random parameters, optimizer)."""
-  abstract = jax.eval_shape(lambda k: state_lib.init_params(config, k), jax.random.key(seed))
-  host_params = random_params(abstract, seed)
+  host_params = model_params(config, seed)
   params = jax.device_put(host_params)
   optimizer = state_lib.make_optimizer(config, params)
   opt_state = jax.jit(lambda p: update_lib.init_opt_state(config, optimizer, p))(params)
@@ -96,8 +101,7 @@ def fixed_batch_loss_and_grads(config, seed: int = 0, step: int | None = None,
   """
   if step is None:
     step = config.loss.curriculum_steps
-  abstract = jax.eval_shape(lambda k: state_lib.init_params(config, k), jax.random.key(seed))
-  params = random_params(abstract, seed)
+  params = model_params(config, seed)
   batch = synthetic_batch(config, seed)
   gen, enc = models.build_generator(config), models.build_encoder(config)
   sched = schedules.from_config(config)

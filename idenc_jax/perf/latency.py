@@ -29,7 +29,6 @@ from idenc_jax.data import images as images_lib
 from idenc_jax.diffusion import guidance as guidance_lib, samplers, schedules
 from idenc_jax.perf import fixtures, measure, torch_model, torch_reference
 from idenc_jax.personalize.personalizer import Personalizer, load_workdir_params
-from idenc_jax.train import state as state_lib
 
 
 def ddim_tables(config, steps: int) -> dict[str, np.ndarray]:
@@ -38,13 +37,10 @@ def ddim_tables(config, steps: int) -> dict[str, np.ndarray]:
   schedule = schedules.from_config(config)
   start_t = samplers.check_start_t(config.diffusion.sample_start_t, schedule.timesteps)
   ts = samplers.timestep_subsequence(schedule, steps, 'uniform', start_t)
-  ab = np.asarray(schedule.alphas_cumprod)[ts]
-  om = np.asarray(schedule.sqrt_one_minus_alphas_cumprod)[ts] ** 2   # 1 - alpha_bar, as `samplers._respaced`
-  a_next = np.sqrt(np.concatenate([ab[1:], np.ones(1, ab.dtype)]))
-  om_next = np.concatenate([om[1:], np.zeros(1, om.dtype)])
+  _, _, ab_next, om_next = samplers.respaced(schedule, ts)
   return {'ts': np.asarray(ts), 'r': np.asarray(schedule.sqrt_recip_alphas_cumprod)[ts],
-          'rm1': np.asarray(schedule.sqrt_recipm1_alphas_cumprod)[ts], 'a_next': a_next,
-          'd': np.sqrt(np.maximum(om_next, 0.0))}
+          'rm1': np.asarray(schedule.sqrt_recipm1_alphas_cumprod)[ts], 'a_next': np.sqrt(np.asarray(ab_next)),
+          'd': np.sqrt(np.maximum(np.asarray(om_next), 0.0))}
 
 
 def torch_ddim(generator, tables: dict[str, np.ndarray], z, x_T, guidance: float):
@@ -109,8 +105,7 @@ def measure_latency(config, *, images: int = 8, steps: int = 25, references: int
     raise ValueError(f'images, steps, references and repeats must be >= 1; got {images}, {steps}, '
                      f'{references}, {repeats}.')
   if params is None:
-    abstract = jax.eval_shape(lambda k: state_lib.init_params(config, k), jax.random.key(config.seed))
-    params = fixtures.random_params(abstract, config.seed)
+    params = fixtures.model_params(config, config.seed)
   r = config.model.resolution
   refs = np.random.default_rng(0).integers(0, 256, (references, r, r, 3), dtype=np.uint8)
   sides: dict[str, Any] = {'jax': Personalizer(config, params)}
