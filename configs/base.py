@@ -124,6 +124,9 @@ def _paper_config() -> config_dict.ConfigDict:
   # with labels ignored).
   dt.agnostic_source = 'synthetic'
   dt.images_per_identity = 4   # M: images per identity group in the identity half-batch
+  # Share of train.batch_size drawn from the agnostic source (the paper: half). Its loss weighs
+  # loss.agnostic_weight (a2 = 0.01), so a smaller share gives the identity half more of each step.
+  dt.agnostic_fraction = 0.5
   dt.num_workers = 0           # grain worker processes (0: in the main process)
   dt.prefetch = 2              # batches prefetched to the device
   dt.random_flip = True

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs.base import get_config
+from idenc_jax.data import batch_layout
 from idenc_jax import models
 from idenc_jax.train import losses
 from idenc_jax.diffusion import schedules
@@ -111,13 +112,14 @@ def test_diffusion_loss_is_per_example_mse():
 
 def _tiny_batch(config, rng):
   r = config.model.resolution
-  n_id = config.train.batch_size // 2
+  n_ag = batch_layout.agnostic_size(config)
+  n_id = config.train.batch_size - n_ag
   m = config.data.images_per_identity
   return {
       'id_images': jnp.asarray(rng.integers(0, 256, (n_id, r, r, 3), np.uint8)),
       'id_labels': jnp.asarray(np.repeat(np.arange(n_id // m) * 7, m).astype(np.int32)),
       'id_groups': jnp.asarray(np.repeat(np.arange(n_id // m), m).astype(np.int32)),
-      'agnostic_images': jnp.asarray(rng.integers(0, 256, (n_id, r, r, 3), np.uint8)),
+      'agnostic_images': jnp.asarray(rng.integers(0, 256, (n_ag, r, r, 3), np.uint8)),
   }
 
 
@@ -167,13 +169,15 @@ class _RecordingGenerator:
     return 0.1 * jnp.tanh(x_t)
 
 
-def _captured_loss(curriculum_p, seed=0, rng=None):
+def _captured_loss(curriculum_p, seed=0, rng=None, agnostic_fraction=0.5):
   """compute_loss with the stand-ins at a fixed curriculum probability: (config, batch, z, loss, metrics, gen)."""
   config = get_config('tiny')
   config.loss.curriculum_start = config.loss.curriculum_end = curriculum_p
+  config.data.agnostic_fraction = agnostic_fraction
   r = config.model.resolution
   batch = _tiny_batch(config, np.random.default_rng(seed))
-  batch['id_labels'] = jnp.asarray(np.array([7, 7, 7, 7, 3, 3, 3, 3]), jnp.int32)   # 2 groups of 4
+  groups = len(batch['id_images']) // 4
+  batch['id_labels'] = jnp.asarray(np.repeat([7, 3, 5, 9][:groups], 4), jnp.int32)   # groups of 4
   p = np.random.default_rng(seed + 1).normal(0, 0.05, (r * r * 3, 16)).astype(np.float32)
   gen, enc = _RecordingGenerator(), _LinearEncoder()
   loss, metrics = losses.compute_loss({'generator': {}, 'encoder': {'P': jnp.asarray(p)}}, batch,
@@ -223,6 +227,18 @@ def test_kept_groups_share_one_convex_combination_and_agnostic_images_keep_their
   assert np.abs(weights[0] - weights[1]).max() > 1e-3       # each group draws its own weights
   want, want_id = _numpy_total(config, batch, z, gen, keep=np.ones(n_id, bool))
   assert metrics['id_kept_fraction'] == 1.0 and want_id > 0
+  np.testing.assert_allclose(metrics['id_loss'], want_id, rtol=1e-4)
+  np.testing.assert_allclose(loss, want, rtol=1e-4)
+
+
+def test_a_smaller_agnostic_share_averages_each_part_over_its_own_images():
+  # 16 images at agnostic_fraction 0.25: 3 identity groups of 4, then 4 agnostic images.
+  config, batch, z, loss, metrics, gen = _captured_loss(0.0, agnostic_fraction=0.25)
+  assert len(batch['id_images']) == 12 and len(batch['agnostic_images']) == 4
+  np.testing.assert_allclose(gen.cond[12:], z[12:], atol=1e-5)   # agnostic images: their own embedding
+  for g in range(3):
+    np.testing.assert_allclose(gen.cond[4 * g:4 * g + 4], np.broadcast_to(gen.cond[4 * g], (4, 16)), atol=1e-7)
+  want, want_id = _numpy_total(config, batch, z, gen, keep=np.ones(12, bool))
   np.testing.assert_allclose(metrics['id_loss'], want_id, rtol=1e-4)
   np.testing.assert_allclose(loss, want, rtol=1e-4)
 

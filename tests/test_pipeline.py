@@ -51,10 +51,11 @@ def _sources(counts_per_source=((6, 5, 4, 7, 5, 6, 4, 5), (4, 9, 5, 6, 4)), weig
   return sources_lib.Sources(ids, w, _agnostic(num_agnostic), R)
 
 
-def _config(batch_size=32, m=4, seed=0, workers=0, flip=True):
+def _config(batch_size=32, m=4, seed=0, workers=0, flip=True, agnostic_fraction=0.5):
   c = get_config('tiny')
   c.model.resolution = R
   c.train.batch_size = batch_size
+  c.data.agnostic_fraction = agnostic_fraction
   c.data.images_per_identity = m
   c.data.num_workers = workers
   c.data.random_flip = flip
@@ -155,17 +156,20 @@ def _batch_and_reads(config, src, step, p, count):
   return batch, reads
 
 
-def test_processes_read_disjoint_shares_that_make_up_the_single_process_batch():
+@pytest.mark.parametrize('fraction,id_rows,later_groups', [(0.5, 16, [2, 3]), (0.25, 24, [3, 4, 5])])
+def test_processes_read_disjoint_shares_that_make_up_the_single_process_batch(fraction, id_rows, later_groups):
   # "What one process would read": the batch of process_count=1 at the same step. Process p of P reads
-  # rows p*B/(2P) .. of each half (group ids unchanged), so concatenating the P batches gives it exactly.
-  src = _sources(num_agnostic=48)     # 48 = 3 steps of 16 agnostic images: no step straddles an epoch
-  config = _config()
+  # rows p*B_id/P .. of the identity part and p*B_ag/P .. of the agnostic part (group ids unchanged), so
+  # concatenating the P batches gives it exactly.
+  src = _sources(num_agnostic=48)     # 48 = 3 steps of 16 (6 of 8) agnostic images: no step straddles an epoch
+  config = _config(agnostic_fraction=fraction)
   for step in range(6):
     whole, whole_reads = _batch_and_reads(config, src, step, 0, 1)
+    assert whole['id_images'].shape[0] == id_rows and whole['agnostic_images'].shape[0] == 32 - id_rows
     parts = [_batch_and_reads(config, src, step, p, 2) for p in range(2)]
     for key in whole:
       np.testing.assert_array_equal(np.concatenate([b[key] for b, _ in parts]), whole[key])
-    np.testing.assert_array_equal(parts[1][0]['id_groups'], np.repeat([2, 3], 4))
+    np.testing.assert_array_equal(parts[1][0]['id_groups'], np.repeat(later_groups, 4))
     assert not parts[0][1] & parts[1][1]                      # no record read by both processes
     assert parts[0][1] | parts[1][1] == whole_reads
     assert len(parts[0][1]) == len(parts[1][1])
@@ -267,23 +271,29 @@ def test_mixing_weights_and_uniform_identities():
   assert abs(ident_counts[4:].sum() / ident_counts[:4].sum() - 1) < 0.15
 
 
-@pytest.mark.parametrize('batch_size,m,count,index,match', [
-    (31, 4, 1, 0, 'even'),
-    (36, 4, 1, 0, 'not divisible by config.data.images_per_identity'),
-    (32, 1, 1, 0, '>= 2'),
-    (32, 4, 3, 0, 'divisible by the 3 processes'),
-    (32, 4, 2, 2, 'process_index 2'),
+@pytest.mark.parametrize('batch_size,m,count,index,fraction,match', [
+    (31, 4, 1, 0, 0.5, 'whole number of identity-agnostic images'),
+    (32, 4, 1, 0, 0.3, 'whole number'),                # 9.6 agnostic images
+    (32, 4, 1, 0, 0.0, 'whole number'),                # the fraction lies in (0, 1)
+    (32, 4, 1, 0, 1.0, 'whole number'),
+    (36, 4, 1, 0, 0.5, 'not divisible by config.data.images_per_identity'),
+    (32, 1, 1, 0, 0.5, '>= 2'),
+    (32, 4, 3, 0, 0.5, 'divisible by the 3 processes'),
+    (32, 4, 2, 2, 0.5, 'process_index 2'),
+    (21, 4, 2, 0, 5 / 21, 'agnostic half-batch 5 is not divisible by the 2 processes'),
 ])
-def test_validation_errors(batch_size, m, count, index, match):
+def test_validation_errors(batch_size, m, count, index, fraction, match):
   with pytest.raises(ValueError, match=match):
-    pipeline.make_train_iterator(_config(batch_size, m), process_index=index, process_count=count,
-                                 sources=_sources())
+    pipeline.make_train_iterator(_config(batch_size, m, agnostic_fraction=fraction), process_index=index,
+                                 process_count=count, sources=_sources())
 
 
 def test_spec_sizes():
   spec = pipeline.batch_spec(_config(128, 4), 1, 4)
   assert (spec.id_size, spec.agnostic_size, spec.num_groups, spec.local_groups, spec.local_agnostic) == \
       (64, 64, 16, 4, 16)
+  spec = pipeline.batch_spec(_config(16, 4, agnostic_fraction=0.25), 0, 1)    # 3 groups of 4 + 4 agnostic
+  assert (spec.id_size, spec.agnostic_size, spec.num_groups, spec.local_agnostic) == (12, 4, 3, 4)
   spec = pipeline.batch_spec(_config())          # defaults from jax: one process here
   assert (spec.process_index, spec.process_count) == (0, 1)
 

@@ -156,6 +156,15 @@ def test_mesh_shape_rejects_bad_shapes(data, fsdp, devices, message):
     sharding_lib.mesh_shape(mesh_config(data, fsdp), devices)
 
 
+def test_batch_parts_must_split_over_the_mesh():
+  mesh = sharding_lib.make_mesh(mesh_config(-1, 1), jax.devices()[:4])
+  sharding_lib.check_batch_split(12, 4, mesh)                            # 3 and 1 per device
+  with pytest.raises(ValueError, match=r'identity-agnostic part of the batch \(2 images\) does not split'):
+    sharding_lib.check_batch_split(12, 2, mesh)
+  with pytest.raises(ValueError, match=r'The identity part of the batch \(6 images\)'):
+    sharding_lib.check_batch_split(6, 4, mesh)
+
+
 def test_fused_group_norm_trains_the_same_under_fsdp(problem):
   """The fused group norm's own VJP under data x FSDP sharding: the same training as on one device
   (its per-sample statistics stay on the device of their sample; its scale/bias gradients sum over

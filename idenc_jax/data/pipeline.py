@@ -1,9 +1,10 @@
 """The grain input pipeline: identity-grouped and identity-agnostic half-batches, sharded by process.
 
-Global batch of B = config.train.batch_size images at step s:
-  identity half  B_id = B/2 images: K = B_id / M groups of M = config.data.images_per_identity images of
-                 one identity each, group g in rows g*M .. g*M+M-1;
-  agnostic half  B_ag = B/2 images.
+Global batch of B = config.train.batch_size images at step s, B_ag = B * config.data.agnostic_fraction
+of them identity-agnostic (the paper: half; "half-batch" below names either part whatever its size):
+  identity half  B_id = B - B_ag images: K = B_id / M groups of M = config.data.images_per_identity images
+                 of one identity each, group g in rows g*M .. g*M+M-1;
+  agnostic half  B_ag images.
 Process p of P gets groups p*K/P .. (p+1)*K/P - 1 (their group ids stay global) and agnostic rows
 p*B_ag/P .. (p+1)*B_ag/P - 1, and reads only those images.
 
@@ -31,72 +32,19 @@ in-memory sources (the synthetic data) are pickled into each worker; prepared da
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import grain
-import jax
 import numpy as np
 
 from idenc_jax.data import degrade as degrade_lib
+from idenc_jax.data.batch_layout import BatchSpec, batch_spec
 from idenc_jax.data import sources as sources_lib
 
 _NUM_STEPS = 2**62          # the stream is effectively endless
 _PLAN_TAG = 0x1D5EED        # separates the plan's random streams from other users of the seed
 _AGNOSTIC_TAG = 0xA65EED
 _DEGRADE_TAG = 0xDE64AD
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchSpec:
-  """Sizes of the global and per-process half-batches."""
-  batch_size: int           # B (global)
-  images_per_identity: int  # M
-  process_index: int
-  process_count: int
-
-  @property
-  def id_size(self) -> int:           # B_id
-    return self.batch_size // 2
-
-  @property
-  def agnostic_size(self) -> int:     # B_ag
-    return self.batch_size // 2
-
-  @property
-  def num_groups(self) -> int:        # K
-    return self.id_size // self.images_per_identity
-
-  @property
-  def local_groups(self) -> int:      # K / P
-    return self.num_groups // self.process_count
-
-  @property
-  def local_agnostic(self) -> int:    # B_ag / P
-    return self.agnostic_size // self.process_count
-
-
-def batch_spec(config, process_index: int | None = None, process_count: int | None = None) -> BatchSpec:
-  """Validates the batch layout against the config and the process count."""
-  if process_index is None or process_count is None:
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  b, m = config.train.batch_size, config.data.images_per_identity
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} is not in [0, process_count={process_count}).')
-  if b < 2 or b % 2:
-    raise ValueError(f'config.train.batch_size={b} must be even and positive: half identity-labelled, '
-                     'half identity-agnostic.')
-  if m < 2:
-    raise ValueError(f'config.data.images_per_identity={m} must be >= 2 (the identity loss needs pairs).')
-  if (b // 2) % m:
-    raise ValueError(f'The identity half-batch {b // 2} (config.train.batch_size/2) is not divisible by '
-                     f'config.data.images_per_identity={m}.')
-  k = b // 2 // m
-  if k % process_count:
-    raise ValueError(f'K = {k} identity groups per batch (batch_size/2/images_per_identity) is not '
-                     f'divisible by the {process_count} processes; each process needs whole groups.')
-  return BatchSpec(b, m, process_index, process_count)
 
 
 class BatchPlanner:

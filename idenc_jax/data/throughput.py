@@ -13,6 +13,7 @@ from absl import app
 from absl import flags
 
 from configs.base import get_config
+from idenc_jax.data import batch_layout
 from idenc_jax.data import pipeline
 from idenc_jax.data import sources as sources_lib
 
@@ -62,8 +63,9 @@ def main(argv):
   sources = sources_lib.load_sources(config, 'train')
   print(f'sources: {[s.name for s in sources.identity]} + agnostic {sources.agnostic.name}, '
         f'{sources.num_identities} identities; loaded in {time.perf_counter() - start:.1f}s')
-  print(f'B={config.train.batch_size} ({config.train.batch_size // 2} identity + '
-        f'{config.train.batch_size // 2} agnostic) at {config.model.resolution}px, '
+  b_ag = batch_layout.agnostic_size(config)
+  print(f'B={config.train.batch_size} ({config.train.batch_size - b_ag} identity + '
+        f'{b_ag} agnostic) at {config.model.resolution}px, '
         f'{_READ_THREADS.value} read thread(s) per process')
   for workers in (int(w) for w in _WORKERS.value):
     config.data.num_workers = workers

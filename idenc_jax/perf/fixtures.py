@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idenc_jax import models
+from idenc_jax.data.batch_layout import agnostic_size
 from idenc_jax.diffusion import schedules
 from idenc_jax.train import losses
 from idenc_jax.train import prefetch as prefetch_lib
@@ -30,9 +31,7 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   """A host batch of the training batch's structure: K groups of M identity images + agnostic half."""
   b, r = config.train.batch_size, config.model.resolution
   m = config.data.images_per_identity
-  if b < 2 or b % 2:
-    raise ValueError(f'train.batch_size={b} must be even and positive (half identity, half agnostic).')
-  n_id = b // 2
+  n_id = b - agnostic_size(config)
   if n_id % m:
     raise ValueError(f'the identity half-batch {n_id} is not divisible by data.images_per_identity={m}.')
   rng = np.random.default_rng(seed)

@@ -218,6 +218,8 @@ def train_and_evaluate(config, workdir: str, *, on_checkpoint=None,
     mesh = sharding_lib.make_mesh(config)
     logging.info('Mesh %s over %d devices (%d processes).', dict(mesh.shape), mesh.size,
                  jax.process_count())
+    spec = pipeline.batch_spec(config)
+    sharding_lib.check_batch_split(spec.id_size, spec.agnostic_size, mesh)
     iterator = pipeline.make_train_iterator(config)
     data_position = ckpt_lib.DataPosition(iterator)
 

@@ -60,6 +60,14 @@ def state_shardings(abstract_state, mesh: Mesh):
   return jax.tree.map(lambda x: NamedSharding(mesh, _fsdp_spec(x.shape, fsdp)), abstract_state)
 
 
+def check_batch_split(id_size: int, agnostic_size: int, mesh: Mesh) -> None:
+  """Refuses, in one line, a batch part that the mesh's devices cannot share equally."""
+  for part, size in (('identity', id_size), ('identity-agnostic', agnostic_size)):
+    if size % mesh.size:
+      raise ValueError(f'The {part} part of the batch ({size} images) does not split over the mesh\'s '
+                       f'{mesh.size} devices; choose train.batch_size and data.agnostic_fraction so that it does.')
+
+
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   """Per-process numpy batch -> global jax arrays split over the batch axes (no copy across hosts)."""
   sharding = batch_sharding(mesh)
