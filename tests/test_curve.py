@@ -53,6 +53,10 @@ def test_a_misspelt_variant_field_fails_before_training(tmp_path):
   with pytest.raises(ValueError, match='--max_steps'):
     curve.run_curves(base.get_config('tiny'), str(tmp_path), [('cos', {'train.lr_schedule': 'cosine'})],
                      minutes=1, eval_every=1, weights=[1.0])
+  # A batch the layout cannot split (24 x 0.25 = 6 agnostic leaves 18 identity images, not groups of 4).
+  with pytest.raises(ValueError, match=r'--variant b24: The identity part of the batch, 18 images'):
+    curve.run_curves(base.get_config('tiny'), str(tmp_path), [('a', {}), ('b24', {'train.batch_size': '24',
+                     'data.agnostic_fraction': '0.25'})], minutes=1, eval_every=1, weights=[1.0])
   assert not os.listdir(tmp_path)
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from configs import base
 from idenc_jax import models
+from idenc_jax.data import batch_layout
 from idenc_jax.diffusion import consistency, generate, guidance, samplers, schedules
 from idenc_jax.train import losses
 
@@ -187,7 +188,7 @@ def test_guidance_needs_an_embedding():
 def _batch(config, seed=0):
   rng = np.random.default_rng(seed)
   r, m = config.model.resolution, config.data.images_per_identity
-  n_id = config.train.batch_size // 2
+  n_id = config.train.batch_size - batch_layout.agnostic_size(config)
   return {'id_images': rng.integers(0, 256, (n_id, r, r, 3), dtype=np.uint8),
           'id_labels': np.repeat(np.arange(n_id // m), m).astype(np.int32),
           'id_groups': np.repeat(np.arange(n_id // m), m).astype(np.int32),

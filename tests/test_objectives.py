@@ -8,6 +8,7 @@ import pytest
 
 from configs import base
 from idenc_jax import models
+from idenc_jax.data import batch_layout
 from idenc_jax.diffusion import objectives, schedules
 from idenc_jax.train import losses
 
@@ -91,11 +92,12 @@ def test_every_target_trains(prediction):
   gen, enc = models.build_generator(c), models.build_encoder(c)
   params = random_params(c)
   rng = np.random.default_rng(0)
-  r, n = c.model.resolution, c.train.batch_size // 2
+  r, n_ag = c.model.resolution, batch_layout.agnostic_size(c)
+  n = c.train.batch_size - n_ag
   batch = {'id_images': rng.integers(0, 256, (n, r, r, 3), dtype=np.uint8),
            'id_labels': np.repeat(np.arange(n // 4), 4).astype(np.int32),
            'id_groups': np.repeat(np.arange(n // 4), 4).astype(np.int32),
-           'agnostic_images': rng.integers(0, 256, (n, r, r, 3), dtype=np.uint8)}
+           'agnostic_images': rng.integers(0, 256, (n_ag, r, r, 3), dtype=np.uint8)}
   fn = lambda p: losses.compute_loss(p, batch, jax.random.key(0), 5, config=c, generator=gen, encoder=enc,
                                      schedule=schedules.from_config(c))[0]
   loss, grads = jax.jit(jax.value_and_grad(fn))(params)

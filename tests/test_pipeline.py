@@ -272,15 +272,17 @@ def test_mixing_weights_and_uniform_identities():
 
 
 @pytest.mark.parametrize('batch_size,m,count,index,fraction,match', [
-    (31, 4, 1, 0, 0.5, 'whole number of identity-agnostic images'),
-    (32, 4, 1, 0, 0.3, 'whole number'),                # 9.6 agnostic images
-    (32, 4, 1, 0, 0.0, 'whole number'),                # the fraction lies in (0, 1)
-    (32, 4, 1, 0, 1.0, 'whole number'),
+    (31, 4, 1, 0, 0.5, '= 15.5 is not a whole number of identity-agnostic images'),
+    (32, 4, 1, 0, 0.3, '= 9.6 is not a whole number'),
+    (32, 4, 1, 0, 0.0, 'strictly between 0 and 1'),
+    (32, 4, 1, 0, 1.0, 'strictly between 0 and 1'),
+    (32, 4, 1, 0, float('nan'), 'strictly between 0 and 1'),
+    (16, 4, 1, 0, 15 / 16, 'leaves 1 identity image'),
     (36, 4, 1, 0, 0.5, 'not divisible by config.data.images_per_identity'),
     (32, 1, 1, 0, 0.5, '>= 2'),
     (32, 4, 3, 0, 0.5, 'divisible by the 3 processes'),
     (32, 4, 2, 2, 0.5, 'process_index 2'),
-    (21, 4, 2, 0, 5 / 21, 'agnostic half-batch 5 is not divisible by the 2 processes'),
+    (21, 4, 2, 0, 5 / 21, 'agnostic part of the batch, 5 images, is not divisible by the 2 processes'),
 ])
 def test_validation_errors(batch_size, m, count, index, fraction, match):
   with pytest.raises(ValueError, match=match):
@@ -292,7 +294,7 @@ def test_spec_sizes():
   spec = pipeline.batch_spec(_config(128, 4), 1, 4)
   assert (spec.id_size, spec.agnostic_size, spec.num_groups, spec.local_groups, spec.local_agnostic) == \
       (64, 64, 16, 4, 16)
-  spec = pipeline.batch_spec(_config(16, 4, agnostic_fraction=0.25), 0, 1)    # 3 groups of 4 + 4 agnostic
+  spec = pipeline.batch_spec(get_config('cpu'), 0, 1)    # the main job: 3 groups of 4 + 4 agnostic
   assert (spec.id_size, spec.agnostic_size, spec.num_groups, spec.local_agnostic) == (12, 4, 3, 4)
   spec = pipeline.batch_spec(_config())          # defaults from jax: one process here
   assert (spec.process_index, spec.process_count) == (0, 1)

@@ -157,6 +157,21 @@ def test_a_changed_config_keeps_config_json_and_names_what_differs(tmp_path):
   assert ckpt_lib.checkpoint_step(workdir) == 1
 
 
+def test_another_agnostic_share_is_refused_on_resume(tmp_path):
+  # The cpu default changed from the paper's half to a quarter: a workdir trained before keeps its batches.
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  config = tt.tiny_config()
+  (workdir / 'config.json').write_text('{"seed": 0, "data": {"images_per_identity": 4}}')   # from before the field
+  loop.check_same_batch_layout(config, str(workdir))                                       # 0.5 = the half
+  config.data.agnostic_fraction = 0.25
+  with pytest.raises(ckpt_lib.IncompatibleCheckpointError,
+                     match=r'trained with data.agnostic_fraction=0.5 .* pass --config.data.agnostic_fraction=0.5'):
+    loop.check_same_batch_layout(config, str(workdir))
+  (workdir / 'config.json').write_text(config.to_json_best_effort())
+  loop.check_same_batch_layout(config, str(workdir))
+
+
 def _tmpfs(path, size):
   os.makedirs(path, exist_ok=True)
   result = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)], capture_output=True)

@@ -12,6 +12,7 @@ from flax import traverse_util
 
 from configs.base import get_config
 from idenc_jax import models
+from idenc_jax.data import batch_layout
 from idenc_jax.train import losses
 from idenc_jax.data import degrade
 from idenc_jax.data import pipeline
@@ -75,17 +76,18 @@ def setup():
 
 def _batch(config, seed=0):
   rng = np.random.default_rng(seed)
-  n = config.train.batch_size // 2
+  n_ag = batch_layout.agnostic_size(config)
+  n = config.train.batch_size - n_ag
   m = config.data.images_per_identity
   deg = degrade.Degradation.from_config(config)
   id_images = rng.integers(0, 256, (n, R, R, 3), dtype=np.uint8)
-  ag_images = rng.integers(0, 256, (n, R, R, 3), dtype=np.uint8)
+  ag_images = rng.integers(0, 256, (n_ag, R, R, 3), dtype=np.uint8)
   return {
       'id_images': id_images, 'agnostic_images': ag_images,
       'id_labels': np.repeat(np.arange(n // m), m).astype(np.int32),
       'id_groups': np.repeat(np.arange(n // m), m).astype(np.int32),
       'id_condition': deg(id_images, deg.draw(rng, n)),
-      'agnostic_condition': deg(ag_images, deg.draw(rng, n)),
+      'agnostic_condition': deg(ag_images, deg.draw(rng, n_ag)),
   }
 
 

@@ -7,13 +7,14 @@ batches) imports without grain.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchSpec:
-  """Sizes of the global and per-process half-batches."""
+  """Sizes of the global and per-process parts of the batch."""
   batch_size: int           # B (global)
   images_per_identity: int  # M
   process_index: int
@@ -49,22 +50,28 @@ def batch_spec(config, process_index: int | None = None, process_count: int | No
   if m < 2:
     raise ValueError(f'config.data.images_per_identity={m} must be >= 2 (the identity loss needs pairs).')
   if (b - b_ag) % m:
-    raise ValueError(f'The identity half-batch {b - b_ag} (config.train.batch_size minus its agnostic '
-                     f'{b_ag}) is not divisible by config.data.images_per_identity={m}.')
+    raise ValueError(f'The identity part of the batch, {b - b_ag} images (config.train.batch_size minus its '
+                     f'{b_ag} agnostic), is not divisible by config.data.images_per_identity={m}.')
   k = (b - b_ag) // m
   if k % process_count:
-    raise ValueError(f'K = {k} identity groups per batch (identity half-batch / images_per_identity) is not '
+    raise ValueError(f'K = {k} identity groups per batch (identity images / images_per_identity) is not '
                      f'divisible by the {process_count} processes; each process needs whole groups.')
   if b_ag % process_count:
-    raise ValueError(f'The agnostic half-batch {b_ag} is not divisible by the {process_count} processes.')
+    raise ValueError(f'The agnostic part of the batch, {b_ag} images, is not divisible by the {process_count} '
+                     'processes.')
   return BatchSpec(b, m, process_index, process_count, b_ag)
 
 
 def agnostic_size(config) -> int:
-  """B_ag = train.batch_size * data.agnostic_fraction, refused unless a whole number in [1, B - 2]."""
+  """B_ag = train.batch_size * data.agnostic_fraction: a whole number from 1 to B - 2 (one line if not)."""
   b, f = config.train.batch_size, config.data.agnostic_fraction
+  if not (math.isfinite(f) and 0 < f < 1):
+    raise ValueError(f'config.data.agnostic_fraction={f} must lie strictly between 0 and 1.')
   b_ag = round(b * f)
-  if b < 3 or not 0 < f < 1 or abs(b * f - b_ag) > 1e-6 or not 1 <= b_ag <= b - 2:
-    raise ValueError(f'config.train.batch_size={b} x config.data.agnostic_fraction={f} must be a whole '
-                     'number of identity-agnostic images, leaving at least 2 identity images.')
+  if abs(b * f - b_ag) > 1e-6:
+    raise ValueError(f'config.train.batch_size={b} x config.data.agnostic_fraction={f} = {b * f:g} is not a whole '
+                     'number of identity-agnostic images.')
+  if not 1 <= b_ag <= b - 2:
+    raise ValueError(f'config.train.batch_size={b} x config.data.agnostic_fraction={f} leaves {b - b_ag} identity '
+                     f'image(s) and {b_ag} agnostic; each part needs images (the identity part at least 2).')
   return b_ag

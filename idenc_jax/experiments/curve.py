@@ -32,6 +32,7 @@ import time
 from absl import flags, logging
 
 from idenc_jax import cli
+from idenc_jax.data import batch_layout
 from idenc_jax.diffusion import guidance as guidance_lib
 from idenc_jax.diffusion import samplers
 from idenc_jax.evaluate import report
@@ -206,6 +207,10 @@ def run_curves(base_config, workdir: str, variants: list[tuple[str, dict]], *, m
     if c.train.lr_schedule != 'constant' and not max_steps:
       raise ValueError(f'--variant {name}: train.lr_schedule={c.train.lr_schedule!r} decays over train.num_steps, '
                        'which a time-budgeted run never reaches; pass --max_steps (the decay horizon).')
+    try:
+      batch_layout.batch_spec(c)
+    except ValueError as e:
+      raise ValueError(f'--variant {name}: {e}') from e
     with c.unlocked():
       c.train.time_budget_minutes = minutes
       c.train.num_steps = max_steps or 10_000_000

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idenc_jax import models
-from idenc_jax.data.batch_layout import agnostic_size
+from idenc_jax.data.batch_layout import batch_spec
 from idenc_jax.diffusion import schedules
 from idenc_jax.train import losses
 from idenc_jax.train import prefetch as prefetch_lib
@@ -28,12 +28,9 @@ from idenc_jax.train import update as update_lib
 
 
 def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
-  """A host batch of the training batch's structure: K groups of M identity images + agnostic half."""
-  b, r = config.train.batch_size, config.model.resolution
-  m = config.data.images_per_identity
-  n_id = b - agnostic_size(config)
-  if n_id % m:
-    raise ValueError(f'the identity half-batch {n_id} is not divisible by data.images_per_identity={m}.')
+  """A host batch of the training batch's structure: K groups of M identity images + the agnostic images."""
+  spec = batch_spec(config, 0, 1)
+  b, r, m, n_id = config.train.batch_size, config.model.resolution, spec.images_per_identity, spec.id_size
   rng = np.random.default_rng(seed)
   groups = np.repeat(np.arange(n_id // m, dtype=np.int32), m)
   return {

@@ -14,6 +14,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from idenc_jax import models
+from idenc_jax.data import batch_layout
 from idenc_jax.data import images as images_lib
 from idenc_jax.data import pipeline
 from idenc_jax.diffusion import generate as generate_lib
@@ -98,6 +99,7 @@ def initial_state(config, mesh, checkpointer, data_position):
   shardings = sharding_lib.state_shardings(abstract, mesh)
   saved = checkpointer.step_dirs()
   if saved:
+    check_same_batch_layout(config, checkpointer.workdir)
     abstract_sharded = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract, shardings)
 
@@ -148,6 +150,21 @@ def check_resumable(config, abstract_state, step_dir, workdir: str) -> None:
   raise ckpt_lib.IncompatibleCheckpointError(
       f'{workdir} holds {what}{fields}. Train in a new --workdir, or pass the config the checkpoint was trained '
       'with.')
+
+
+def check_same_batch_layout(config, workdir: str) -> None:
+  """IncompatibleCheckpointError when the workdir's config.json trained with another agnostic share of the
+  batch (a config.json from before the field existed had the paper's half): resuming would change the
+  batches, and a resumed run is meant to see the batches it would have seen."""
+  saved = epath.Path(workdir) / 'config.json'
+  if not saved.exists():
+    return
+  old = json.loads(saved.read_text()).get('data', {}).get('agnostic_fraction', 0.5)
+  if old != config.data.agnostic_fraction:
+    raise ckpt_lib.IncompatibleCheckpointError(
+        f'{workdir} was trained with data.agnostic_fraction={old} (its config.json), this config has '
+        f'{config.data.agnostic_fraction}: pass --config.data.agnostic_fraction={old} to continue it, or train '
+        'in a new --workdir.')
 
 
 def _init_from_earlier_stage(config, state: state_lib.TrainState) -> state_lib.TrainState:
@@ -218,7 +235,7 @@ def train_and_evaluate(config, workdir: str, *, on_checkpoint=None,
     mesh = sharding_lib.make_mesh(config)
     logging.info('Mesh %s over %d devices (%d processes).', dict(mesh.shape), mesh.size,
                  jax.process_count())
-    spec = pipeline.batch_spec(config)
+    spec = batch_layout.batch_spec(config)
     sharding_lib.check_batch_split(spec.id_size, spec.agnostic_size, mesh)
     iterator = pipeline.make_train_iterator(config)
     data_position = ckpt_lib.DataPosition(iterator)
