@@ -1,10 +1,9 @@
-"""The grain input pipeline: identity-grouped and identity-agnostic half-batches, sharded by process.
+"""The grain input pipeline: identity-grouped and identity-agnostic parts of each batch, sharded by process.
 
-Global batch of B = config.train.batch_size images at step s, B_ag = B * config.data.agnostic_fraction
-of them identity-agnostic (the paper: half; "half-batch" below names either part whatever its size):
-  identity half  B_id = B - B_ag images: K = B_id / M groups of M = config.data.images_per_identity images
+Global batch of B = config.train.batch_size images at step s (sizes: batch_layout.py):
+  identity part  B_id = B - B_ag images: K = B_id / M groups of M = config.data.images_per_identity images
                  of one identity each, group g in rows g*M .. g*M+M-1;
-  agnostic half  B_ag images.
+  agnostic part  B_ag = B * config.data.agnostic_fraction images (the paper: half).
 Process p of P gets groups p*K/P .. (p+1)*K/P - 1 (their group ids stay global) and agnostic rows
 p*B_ag/P .. (p+1)*B_ag/P - 1, and reads only those images.
 
@@ -38,8 +37,8 @@ import grain
 import numpy as np
 
 from idenc_jax.data import degrade as degrade_lib
-from idenc_jax.data.batch_layout import BatchSpec, batch_spec
 from idenc_jax.data import sources as sources_lib
+from idenc_jax.data.batch_layout import BatchSpec, batch_spec
 
 _NUM_STEPS = 2**62          # the stream is effectively endless
 _PLAN_TAG = 0x1D5EED        # separates the plan's random streams from other users of the seed
