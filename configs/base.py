@@ -53,7 +53,8 @@ def _paper_config() -> config_dict.ConfigDict:
   # Convolution kernel gradients: 'xla' (XLA's own), 'matmul' (one matmul per kernel tap; XLA:CPU runs
   # its kernel-gradient convolutions far below matmul speed) or 'matmul_wide' (the matmul form only for
   # >= 32 output channels on maps >= 16x16, where it was faster alone; 1.01x on the whole cpu step). Same
-  # function, different schedule.
+  # function, different schedule. 'matmul' speeds the 128 px base model's CPU step by about 10% at twice
+  # the memory (docs/performance.md); off here because these configs are meant for GPUs.
   m.conv_grad = 'xla'
   # Group norms: 'flax' (nn.GroupNorm, then the AdaGN modulation and SiLU as separate ops) or 'fused'
   # (one op with per-channel statistics and its own gradient that keeps no pre-SiLU activation;
