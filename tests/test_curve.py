@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 
 from configs import base
@@ -25,6 +26,47 @@ def test_parse_variant():
 def test_standard_error_is_the_binomial_one():
   assert curve.standard_error(0.25, 256) == pytest.approx(math.sqrt(0.25 * 0.75 / 256))
   assert curve.standard_error(None, 256) is None and curve.standard_error(0.5, 0) is None
+
+
+def test_seeds_expand_each_variant_into_one_run_per_seed():
+  assert curve.parse_seeds('0, 1,3') == [0, 1, 3] and curve.parse_seeds('') == []
+  for bad in ('0,x', '1,1', '-1'):
+    with pytest.raises(ValueError, match='--seeds'):
+      curve.parse_seeds(bad)
+  runs, groups = curve.expand_seeds([('base', {}), ('m3', {'data.images_per_identity': '3'})], [0, 2])
+  assert runs == [('base_s0', {'seed': '0'}), ('base_s2', {'seed': '2'}),
+                  ('m3_s0', {'data.images_per_identity': '3', 'seed': '0'}),
+                  ('m3_s2', {'data.images_per_identity': '3', 'seed': '2'})]
+  assert groups == {'base': ['base_s0', 'base_s2'], 'm3': ['m3_s0', 'm3_s2']}
+  assert curve.expand_seeds([('a', {})], []) == ([('a', {})], {'a': ['a']})
+  with pytest.raises(ValueError, match='sets seed itself'):
+    curve.expand_seeds([('a', {'seed': '4'})], [0, 1])
+
+
+def test_seed_summary_means_errors_and_paired_differences_against_numpy():
+  def point(step, acc, fd):
+    return curve.make_point(step, step / 250, 5.0, 256, {'oracle_id_accuracy': acc, 'oracle_top5_accuracy': 0.5,
+                                                         'oracle_fd': fd, 'diversity': 0.1})
+  base = [0.2, 0.3, 0.25]
+  other = [0.3, 0.3, 0.35]
+  curves = {f'base_s{i}': [point(1000, a, 3.0 + i)] for i, a in enumerate(base)}
+  curves.update({f'm3_s{i}': [point(1000, a, 2.0)] for i, a in enumerate(other)})
+  curves['m3_s2'].append(point(2000, 0.4, 2.0))      # a step only one run reached: not summarised
+  groups = {'base': ['base_s0', 'base_s1', 'base_s2'], 'm3': ['m3_s0', 'm3_s1', 'm3_s2']}
+  rows = curve.seed_summary(curves, groups)
+  assert [(r['variant'], r['step']) for r in rows] == [('base', 1000), ('m3', 1000)]
+  sem = lambda x: np.std(x, ddof=1) / np.sqrt(len(x))
+  assert rows[0]['oracle_id_accuracy'] == pytest.approx(np.mean(base))
+  assert rows[0]['oracle_id_accuracy_sem'] == pytest.approx(sem(base))
+  assert rows[0]['oracle_fd'] == pytest.approx(4.0) and 'oracle_id_accuracy_minus_first' not in rows[0]
+  diffs = np.subtract(other, base)
+  assert rows[1]['oracle_id_accuracy_minus_first'] == pytest.approx(np.mean(diffs))
+  assert rows[1]['oracle_id_accuracy_minus_first_sem'] == pytest.approx(sem(diffs))
+  assert rows[1]['oracle_id_accuracy_sem'] == pytest.approx(sem(other)) and rows[1]['seeds'] == 3
+  table = curve.curve_markdown(curves, rows)
+  assert '## Over seeds' in table and '| m3 | 1000 |' in table
+  # Groups of one run (no --seeds) have no spread to report.
+  assert curve.seed_summary(curves, {'base_s0': ['base_s0']}) == []
 
 
 def test_face_points_take_their_errors_over_the_right_counts_and_plot(tmp_path):
@@ -81,6 +123,16 @@ def test_tiny_curve_end_to_end(tmp_path):
   # A second call reuses the finished training and the evaluated points.
   again = curve.run_curves(config, str(tmp_path), [('plain', {})], minutes=1e-9, eval_every=5, weights=[1.0, 2.0])
   assert again['curves']['plain'] == result['curves']['plain']
+  # Runs grouped as one recipe's seeds: the report gains their means (here over the two finished runs).
+  grouped = curve.run_curves(config, str(tmp_path), [('plain', {}), ('cfg', {'loss.null_identity_prob': '0.2'})],
+                             minutes=1e-9, eval_every=5, weights=[1.0], groups={'both': ['plain', 'cfg']})
+  rows = grouped['seed_summary']   # one row per (step, guidance): the points evaluated before are kept
+  assert [(r['variant'], r['step'], r['guidance'], r['seeds']) for r in rows] == [('both', 1, 1.0, 2),
+                                                                                 ('both', 1, 2.0, 2)]
+  accs = [result['curves'][n][0]['oracle_id_accuracy'] for n in ('plain', 'cfg')]
+  assert rows[0]['oracle_id_accuracy'] == pytest.approx(np.mean(accs))
+  assert json.load(open(tmp_path / 'curve.json'))['seed_summary'] == rows
+  assert '## Over seeds' in (tmp_path / 'curve.md').read_text()
 
 
 def test_command_line_flags():
@@ -88,6 +140,6 @@ def test_command_line_flags():
   fv = flags.FlagValues()
   curve.define_flags(fv)
   fv(['curve', '--config=configs/base.py:tiny', '--workdir=out', '--minutes=2', "--variant=a:", '--variant=b:x.y=1',
-      '--guidance=1,3'])
-  assert (fv.workdir, fv.minutes, fv.variant, fv.guidance) == ('out', 2.0, ['a:', 'b:x.y=1'], '1,3')
+      '--guidance=1,3', '--seeds=0,1'])
+  assert (fv.workdir, fv.minutes, fv.variant, fv.guidance, fv.seeds) == ('out', 2.0, ['a:', 'b:x.y=1'], '1,3', '0,1')
   assert fv.config.eval.steps == 4 and fv.eval_every == 1000   # the tiny config, loaded

@@ -15,6 +15,12 @@ dlib's share of samples with a face, the ID accuracy among those faces (nearest 
 with its chance level, and the ID score; diversity on both. Variants train one after another in this
 process, so a comparison is one sitting on one machine; run it on an otherwise idle machine.
 
+With `--seeds=0,1,2,3` every variant trains once per seed (NAME_s0, NAME_s1, ...; config.seed), and the
+report adds each variant's mean over its seeds with the standard error of that mean, and each later
+variant's difference from the first, paired by seed: runs of one recipe spread by about twice one
+evaluation's sampling error (docs/training.md), so one run per arm cannot show a difference of a few
+hundredths.
+
 Writes WORKDIR/curve.json (every point and the settings), curve.md (one table per variant) and curve.png
 (the identity accuracy against minutes and against steps; on real faces also the face rate). A variant
 whose training finished (WORKDIR/NAME/clock.json) is not trained again, and evaluated points are kept
@@ -65,6 +71,70 @@ def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
 def standard_error(p: float | None, n: int) -> float | None:
   """Binomial standard error sqrt(p (1 - p) / n) of an accuracy over n samples."""
   return None if p is None or n <= 0 else math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def parse_seeds(spec: str) -> list[int]:
+  """'0,1,2,3' -> [0, 1, 2, 3] (--seeds); '' -> [] (one run per variant, the config's seed)."""
+  items = [s.strip() for s in (spec or '').split(',') if s.strip()]
+  try:
+    seeds = [int(s) for s in items]
+  except ValueError:
+    raise ValueError(f"--seeds must be whole numbers separated by commas, e.g. '0,1,2,3', got {spec!r}.") from None
+  if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+    raise ValueError(f'--seeds must be distinct numbers >= 0, got {spec!r}.')
+  return seeds
+
+
+def expand_seeds(variants: list[tuple[str, dict]], seeds: list[int]) -> tuple[list[tuple[str, dict]],
+                                                                                dict[str, list[str]]]:
+  """Each variant once per seed: ([(NAME_sN, overrides + seed=N), ...], {NAME: [NAME_s0, ...]}).
+  Without seeds, the variants as given, each its own group of one."""
+  if not seeds:
+    return variants, {name: [name] for name, _ in variants}
+  runs, groups = [], {}
+  for name, overrides in variants:
+    if 'seed' in overrides:
+      raise ValueError(f'--variant {name} sets seed itself; with --seeds every variant takes the seeds given.')
+    groups[name] = [f'{name}_s{seed}' for seed in seeds]
+    runs += [(f'{name}_s{seed}', {**overrides, 'seed': str(seed)}) for seed in seeds]
+  return runs, groups
+
+
+def _mean_and_error(values: list[float]) -> tuple[float, float | None]:
+  """The mean and its standard error (sample standard deviation / sqrt(n); None for one value)."""
+  n = len(values)
+  mean = sum(values) / n
+  if n < 2:
+    return mean, None
+  return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def seed_summary(curves: dict[str, list[dict]], groups: dict[str, list[str]]) -> list[dict]:
+  """Per variant (a group of runs differing only in seed) and per (step, guidance) that every one of its runs
+  reached: the mean of each metric over the runs with the standard error of that mean, and, for every variant
+  after the first, the identity accuracy's difference from the first variant's run of the same seed (the
+  i-th run of each group), mean and standard error over the seeds."""
+  rows, first = [], next(iter(groups.values()), [])
+  for name, runs in groups.items():
+    if len(runs) < 2:
+      continue
+    by_run = [{(p['step'], p['guidance']): p for p in curves[r]} for r in runs]
+    base = [{(p['step'], p['guidance']): p for p in curves[r]} for r in first]
+    for key in sorted(set.intersection(*(set(b) for b in by_run)), key=lambda k: (k[1], k[0])):
+      points = [b[key] for b in by_run]
+      acc = _accuracy_key(points)
+      row = {'variant': name, 'step': key[0], 'guidance': key[1], 'seeds': len(runs),
+             'minutes': sum(p['minutes'] for p in points) / len(points)}
+      for metric in (acc,) + tuple(m for m in METRICS + ('face_rate',) if m != acc):
+        values = [p.get(metric) for p in points]
+        if all(v is not None for v in values):
+          row[metric], row[f'{metric}_sem'] = _mean_and_error(values)
+      if runs is not first and len(first) == len(runs) and all(key in b for b in base):
+        diffs = [p[acc] - b[key][acc] for p, b in zip(points, base)]
+        if all(d is not None for d in diffs):
+          row[f'{acc}_minus_first'], row[f'{acc}_minus_first_sem'] = _mean_and_error(diffs)
+      rows.append(report.json_ready(row))
+  return rows
 
 
 def make_point(step: int, minutes: float, guidance: float, samples: int, metrics: dict) -> dict:
@@ -144,10 +214,18 @@ def evaluate_checkpoints(config, workdir: str, clock: dict[str, float], weights:
   return sorted(points, key=lambda p: (p['guidance'], p['step']))
 
 
-def curve_markdown(curves: dict[str, list[dict]]) -> str:
+def curve_markdown(curves: dict[str, list[dict]], summary: list[dict] | None = None) -> str:
   oracle = ['oracle_id_accuracy', 'oracle_id_accuracy_se', 'oracle_top5_accuracy', 'oracle_fd']
   faces = ['face_rate', 'face_rate_se', 'id_accuracy', 'id_accuracy_se', 'id_chance', 'id_score']
   lines = ['# Time to identity', '']
+  if summary:
+    cols = [c for c in ('step', 'guidance', 'seeds', 'minutes', 'oracle_id_accuracy', 'oracle_id_accuracy_sem',
+                        'id_accuracy', 'id_accuracy_sem', 'oracle_id_accuracy_minus_first',
+                        'oracle_id_accuracy_minus_first_sem', 'id_accuracy_minus_first', 'id_accuracy_minus_first_sem',
+                        'oracle_top5_accuracy', 'oracle_fd', 'face_rate', 'diversity')
+            if any(r.get(c) is not None for r in summary)]
+    lines += ['## Over seeds (mean, standard error of the mean; differences from the first variant paired by seed)',
+              '', report.markdown_table(summary, cols, first='variant'), '']
   for name, points in curves.items():
     cols = ['minutes', 'guidance'] + [c for c in oracle + faces if any(p.get(c) is not None for p in points)]
     lines += [f'## {name}', '', report.markdown_table(points, cols + ['diversity'], first='step'), '']
@@ -197,7 +275,9 @@ def plot(curves: dict[str, list[dict]], path: str, title: str):
 
 
 def run_curves(base_config, workdir: str, variants: list[tuple[str, dict]], *, minutes: float, eval_every: int,
-               weights: list[float], max_steps: int = 0) -> dict:
+               weights: list[float], max_steps: int = 0, groups: dict[str, list[str]] | None = None) -> dict:
+  """Trains and evaluates every variant (one run each), then writes the curve files; `groups` ({recipe:
+  [its runs' names]}, from `expand_seeds`) adds the over-seeds summary."""
   if minutes <= 0 or eval_every < 1 or max_steps < 0:
     raise ValueError(f'--minutes must be > 0, --eval_every >= 1 and --max_steps >= 0, got {minutes}, {eval_every} '
                      f'and {max_steps}.')
@@ -222,11 +302,12 @@ def run_curves(base_config, workdir: str, variants: list[tuple[str, dict]], *, m
     wd = os.path.join(workdir, name)
     clock = train_variant(c, wd)
     curves[name] = evaluate_checkpoints(c, wd, clock, weights or [guidance_lib.check_guidance(c.eval.guidance)])
-  result = {'curves': curves, 'variants': {n: o for n, o in variants},
+  summary = seed_summary(curves, groups) if groups else []
+  result = {'curves': curves, 'variants': {n: o for n, o in variants}, **({'seed_summary': summary} if summary else {}),
             'settings': {'minutes': minutes, 'eval_every': eval_every, 'machine': platform.processor() or
                          platform.machine(), 'cpus': os.cpu_count(), 'date': time.strftime('%Y-%m-%d'),
                          'eval': base_config.eval.to_dict()}}
-  report.write_report(workdir, 'curve', result, curve_markdown(curves))
+  report.write_report(workdir, 'curve', result, curve_markdown(curves, summary))
   plot(curves, os.path.join(workdir, 'curve.png'),
        f'time to identity ({minutes:g} min per variant, {os.cpu_count()} CPUs)')
   logging.info('Wrote %s/curve.json, curve.md and curve.png', workdir)
@@ -248,17 +329,21 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                             'as given. Default: one variant, base.', **where)
   flags.DEFINE_string('guidance', '', "Guidance weights evaluated at each checkpoint, e.g. '1,3' (default "
                       'config.eval.guidance).', **where)
+  flags.DEFINE_string('seeds', '', "Train every variant once per seed, e.g. '0,1,2,3', and report means over the "
+                      'seeds with their standard errors (default: one run, config.seed).', **where)
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   del argv
   f = flag_values
   variants = [parse_variant(v) for v in f.variant] or [('base', {})]
-  names = [n for n, _ in variants]
+  runs, groups = expand_seeds(variants, parse_seeds(f.seeds))
+  names = [n for n, _ in runs]
   if len(set(names)) != len(names):
-    raise ValueError(f'--variant names must differ, got {names}.')
-  run_curves(f.config, f.workdir, variants, minutes=f.minutes, eval_every=f.eval_every,
-             weights=guidance_lib.parse_guidance_sweep(f.guidance), max_steps=f.max_steps)
+    raise ValueError(f'--variant names must differ (with --seeds, NAME_sN too), got {names}.')
+  run_curves(f.config, f.workdir, runs, minutes=f.minutes, eval_every=f.eval_every,
+             weights=guidance_lib.parse_guidance_sweep(f.guidance), max_steps=f.max_steps,
+             groups=groups if f.seeds else None)
 
 
 def console_main() -> None:
