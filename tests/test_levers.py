@@ -10,6 +10,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import pytest
 
@@ -315,14 +316,36 @@ def test_fused_group_norm_rejects_bad_groups_and_names():
     norm_ops.norm_silu('apex', 4, jnp.float32, 'norm')
 
 
-# XLA:CPU's library fusions (train.compiler_options): convolutions through YNNPACK, XNNPACK or oneDNN.
+# XLA:CPU's library fusions (train.compiler_options): convolutions through YNNPACK, XNNPACK or oneDNN, or no
+# YNNPACK at all (ynnoff).
 LIBRARY_CONVOLUTIONS = {lib: levers.LEVERS[f'{lib}conv']['train.compiler_options'] for lib in ('ynn', 'xnn', 'onednn')}
+LIBRARY_CONVOLUTIONS['off'] = levers.LEVERS['ynnoff']['train.compiler_options']
 
 
 @pytest.mark.parametrize('library', sorted(LIBRARY_CONVOLUTIONS))
 def test_library_convolutions_keep_the_model_loss_and_gradients(reference, library):
   """The same float32 function: loss within 1e-4, gradients within 1e-3 of the plain model's (relative)."""
   _assert_model_close(reference, {'train.compiler_options': LIBRARY_CONVOLUTIONS[library]}, 1e-4, 1e-3)
+
+
+def test_ynnoff_compiles_every_convolution_without_ynnpack():
+  # The kernel gradient is the convolution XLA:CPU's default hands to YNNPACK (docs/performance.md); with
+  # jax 0.10 it does so from 32 channels up, so the default's HLO shows the fusion this option removes.
+  rng = np.random.default_rng(0)
+  x, w, dy = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 8, 8, 32), (3, 3, 32, 32), (2, 8, 8, 32)))
+  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  kernel_grad = jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])
+  config = tiny(**{'train.compiler_options': LIBRARY_CONVOLUTIONS['off']})
+  assert step_lib.compiler_options(config) == {'xla_cpu_experimental_ynn_fusion_type': ''}
+  compiled = step_lib.compile_with_options(kernel_grad.lower(x, w, dy), config)
+  assert 'ynn_fusion' not in compiled.as_text()
+  default_uses_ynnpack = 'ynn_fusion' in kernel_grad.lower(x, w, dy).compile().as_text()
+  assert default_uses_ynnpack or jax.__version_info__ >= (0, 11), 'the default no longer uses YNNPACK here'
+  # Against the sum it computes, in numpy: dw[i, j, c, o] = sum over b, y, x of xpad[b, y+i, x+j, c] dy[b, y, x, o].
+  xp = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  expected = np.stack([np.stack([np.einsum('byxc,byxo->co', xp[:, i:i + 8, j:j + 8], np.asarray(dy, np.float64))
+                                 for j in range(3)]) for i in range(3)])
+  np.testing.assert_allclose(compiled(x, w, dy), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_compiler_options_parse_and_reject_malformed_entries():
