@@ -348,6 +348,14 @@ def test_ynnoff_compiles_every_convolution_without_ynnpack():
   np.testing.assert_allclose(compiled(x, w, dy), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_paper_configs_turn_ynnpack_off_and_the_cpu_configs_keep_xla_defaults():
+  paper, cpu = (cli.load_config_file(f'configs/base.py:{v}') for v in ('paper', 'cpu'))
+  assert step_lib.compiler_options(paper) == {'xla_cpu_experimental_ynn_fusion_type': ''}
+  assert step_lib.compiler_options(cpu) is None
+  assert step_lib.compiler_options(levers.variant_config(paper, 'ynnon')) is None
+  assert step_lib.compiler_options(levers.variant_config(cpu, 'ynnoff')) == step_lib.compiler_options(paper)
+
+
 def test_compiler_options_parse_and_reject_malformed_entries():
   c = tiny(**{'train.compiler_options': 'a=true; b=3;c=LIBRARY_X ;d=0.5'})
   assert step_lib.compiler_options(c) == {'a': True, 'b': 3, 'c': 'LIBRARY_X', 'd': 0.5}

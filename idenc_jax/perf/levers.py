@@ -5,7 +5,8 @@ fused / xla (model.attention), mmgrad / mmgradwide (model.conv_grad='matmul' / '
 gnfused / gnflax (model.group_norm),
 flat / perarray (train.flat_update: the optimizer, EMA and guard on one flat vector or array by array),
 ynnconv / xnnconv / onednnconv (XLA:CPU's YNNPACK / XNNPACK / oneDNN convolutions, train.compiler_options),
-ynnoff (no YNNPACK fusions at all: XLA:CPU's default hands the kernel-gradient convolutions to YNNPACK),
+ynnoff / ynnon (no YNNPACK fusions at all, the paper configs' default / XLA:CPU's own defaults, which hand the
+kernel-gradient convolutions to YNNPACK; the `cpu` configs' default),
 b<N> (train.batch_size), prefetch<N> (data.prefetch), or any `section.field=value`. A field that no
 lever of a variant names keeps the config's value, so a variant says only what it changes.
 
@@ -38,6 +39,7 @@ LEVERS = {
        for lib in ('ynn', 'xnn', 'onednn')},
     # An empty fusion type turns YNNPACK off: every convolution stays XLA's own (Eigen).
     'ynnoff': {'train.compiler_options': 'xla_cpu_experimental_ynn_fusion_type='},
+    'ynnon': {'train.compiler_options': ''},
 }
 
 

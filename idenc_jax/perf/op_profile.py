@@ -349,8 +349,10 @@ def run_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
   # As the benchmark: random parameters, a donated state, synthetic batches fed ahead as the trainer's.
   state, optimizer = fixtures.build_state(config)
   host_batches = [fixtures.synthetic_batch(config, seed) for seed in range(3)]
-  compiled = jax.jit(step_lib.make_train_step(config, optimizer), donate_argnums=(0,)).lower(
-      state, jax.device_put(host_batches[0])).compile(measure.FAST_COMPILE if f.fast_compile else None)
+  lowered = jax.jit(step_lib.make_train_step(config, optimizer), donate_argnums=(0,)).lower(
+      state, jax.device_put(host_batches[0]))
+  # With the config's compiler options, as the trainer compiles it.
+  compiled = step_lib.compile_with_options(lowered, config, measure.FAST_COMPILE if f.fast_compile else None)
   print('[op_profile] train step compiled', file=sys.stderr)
   feeder = fixtures.Feeder(host_batches, int(config.data.prefetch))
   current = {'state': state}
