@@ -53,8 +53,8 @@ def _paper_config() -> config_dict.ConfigDict:
   # Convolution kernel gradients: 'xla' (XLA's own), 'matmul' (one matmul per kernel tap; XLA:CPU runs
   # its kernel-gradient convolutions far below matmul speed) or 'matmul_wide' (the matmul form only for
   # >= 32 output channels on maps >= 16x16, where it was faster alone; 1.01x on the whole cpu step). Same
-  # function, different schedule. 'matmul' speeds the 128 px base model's CPU step by about 10% at twice
-  # the memory (docs/performance.md); off here because these configs are meant for GPUs.
+  # function, different schedule. 'matmul' sped the 128 px base model's CPU step by about 10% at twice the
+  # memory, less than turning YNNPACK off (train.compiler_options below; docs/performance.md).
   m.conv_grad = 'xla'
   # Group norms: 'flax' (nn.GroupNorm, then the AdaGN modulation and SiLU as separate ops) or 'fused'
   # (one op with per-channel statistics and its own gradient that keeps no pre-SiLU activation;
@@ -162,7 +162,10 @@ def _paper_config() -> config_dict.ConfigDict:
   t.time_budget_minutes = 0.0   # > 0: stop (with a checkpoint) after this much wall time; 0: train.num_steps
   # XLA options for compiling the train step, 'name=value;name=value' (e.g. XLA:CPU's library fusions,
   # 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'); '' : XLA's defaults.
-  t.compiler_options = ''
+  # The default turns XLA:CPU's YNNPACK fusions off: they take the kernel-gradient convolutions, which then
+  # run several times slower than XLA's own; the 128 px model's CPU step went from 42.6 to 24.0 s
+  # (docs/performance.md). An xla_cpu_* option does nothing on GPUs and TPUs.
+  t.compiler_options = 'xla_cpu_experimental_ynn_fusion_type='
   t.sample_every = 20_000
   t.sample_identities = 4      # held-out identities in the periodic sample grid
   t.sample_steps = 50          # DDIM steps for the periodic grid
@@ -237,14 +240,19 @@ def _apply_cpu(c):
   c.encoder.num_res_blocks = 1
   c.encoder.attn_resolutions = (4,)
   c.encoder.num_heads = 4
-  c.data.images_per_identity = 4
+  # 4 identities x 3 images + 4 agnostic (below): more identities per batch for the identity loss to contrast;
+  # 3 rather than 4 images each raised the four seeds' mean oracle top-1 from 0.221 to 0.258 (docs/training.md).
+  c.data.images_per_identity = 3
   c.data.synthetic_train_identities = 256
   c.data.synthetic_test_identities = 32
   c.data.synthetic_images_per_identity = 12
   c.data.synthetic_agnostic_images = 2048
   c.train.batch_size = 16        # 32 trains fewer images per second on 2 cores
-  # 3 identities x 4 images + 4 agnostic: the agnostic loss weighs only a2 = 0.01, and a quarter instead of
-  # the paper's half raised oracle top-1 on all four seeds measured (docs/training.md).
+  # XLA's default compiler options: this model's figures were measured with them, and turning YNNPACK off
+  # measured 1.02x here (inside the noise; docs/performance.md), not worth new trajectories.
+  c.train.compiler_options = ''
+  # An agnostic quarter: the agnostic loss weighs only a2 = 0.01, and a quarter instead of the paper's half
+  # raised oracle top-1 on all four seeds measured (docs/training.md).
   c.data.agnostic_fraction = 0.25
   c.train.num_steps = 3500
   c.train.learning_rate = 1e-3
@@ -282,9 +290,10 @@ def _apply_faces_cpu(c):
   _apply_cpu(c)
   c.data.identity_sources = 'data/celeba_id128_32'
   c.data.agnostic_source = 'same'
-  # The paper's half-agnostic batch, with which this config's figures were measured (the quarter of `cpu`
-  # is not measured on real faces).
+  # The paper's half-agnostic batch of 2 identities x 4, with which this config's figures were measured (the
+  # layout of `cpu` is not measured on real faces).
   c.data.agnostic_fraction = 0.5
+  c.data.images_per_identity = 4
   # Test identities have 5-30 images: 4 references keep all 34 (the 8 of `cpu` would skip some).
   c.eval.num_references = 4
   c.train.num_references = 4
@@ -305,6 +314,7 @@ def _apply_tiny(c):
   c.encoder.attn_resolutions = (4,)
   c.encoder.num_heads = 2
   c.data.agnostic_fraction = 0.5   # 8 + 8: both parts split over the tests' 8 simulated devices
+  c.data.images_per_identity = 4
   c.data.synthetic_train_identities = 16
   c.data.synthetic_test_identities = 4
   c.data.synthetic_images_per_identity = 6
@@ -337,6 +347,7 @@ def _apply_stage0(c):
   c.stage = 0
   c.loss.use_id_loss = False
   c.data.agnostic_fraction = 0.5   # the half-and-half batch its figures were measured with (also under `cpu`)
+  c.data.images_per_identity = 4
 
 
 def _apply_stage2(c, task: str):
@@ -352,6 +363,7 @@ def _apply_stage2(c, task: str):
   c.loss.use_id_loss = False
   c.loss.use_agnostic = False
   c.data.agnostic_fraction = 0.5   # the half-and-half batch its figures were measured with (also under `cpu`)
+  c.data.images_per_identity = 4
   # Restoration samples keep the input's block means / known pixels at every step (data consistency), with
   # DDIM at eta = 1, which brings the restored pixels close to the input's (the model alone drifts from
   # them). The evaluation also reports the model alone.

@@ -294,8 +294,8 @@ def test_spec_sizes():
   spec = pipeline.batch_spec(_config(128, 4), 1, 4)
   assert (spec.id_size, spec.agnostic_size, spec.num_groups, spec.local_groups, spec.local_agnostic) == \
       (64, 64, 16, 4, 16)
-  spec = pipeline.batch_spec(get_config('cpu'), 0, 1)    # the main job: 3 groups of 4 + 4 agnostic
-  assert (spec.id_size, spec.agnostic_size, spec.num_groups, spec.local_agnostic) == (12, 4, 3, 4)
+  spec = pipeline.batch_spec(get_config('cpu'), 0, 1)    # the main job: 4 groups of 3 + 4 agnostic
+  assert (spec.id_size, spec.agnostic_size, spec.num_groups, spec.local_agnostic) == (12, 4, 4, 4)
   spec = pipeline.batch_spec(_config())          # defaults from jax: one process here
   assert (spec.process_index, spec.process_count) == (0, 1)
 

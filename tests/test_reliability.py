@@ -157,7 +157,7 @@ def test_a_changed_config_keeps_config_json_and_names_what_differs(tmp_path):
   assert ckpt_lib.checkpoint_step(workdir) == 1
 
 
-def test_another_agnostic_share_is_refused_on_resume(tmp_path):
+def test_another_batch_layout_is_refused_on_resume(tmp_path):
   # The cpu default changed from the paper's half to a quarter: a workdir trained before keeps its batches.
   workdir = tmp_path / 'run'
   workdir.mkdir()
@@ -170,6 +170,11 @@ def test_another_agnostic_share_is_refused_on_resume(tmp_path):
     loop.check_same_batch_layout(config, str(workdir))
   (workdir / 'config.json').write_text(config.to_json_best_effort())
   loop.check_same_batch_layout(config, str(workdir))
+  # So do the images per identity (the cpu default went from 4 to 3).
+  config.data.images_per_identity = 2
+  with pytest.raises(ckpt_lib.IncompatibleCheckpointError,
+                     match=r'trained with data.images_per_identity=4 .* pass --config.data.images_per_identity=4'):
+    loop.check_same_batch_layout(config, str(workdir))
 
 
 def _tmpfs(path, size):

@@ -34,8 +34,9 @@ from idenc_jax.experiments import finetune_compare
 from idenc_jax.train import checkpoint as ckpt_lib
 from idenc_jax.train import loop
 
-# The paper's half-agnostic batch, which Table 3's rows and earlier results.json assume.
+# The paper's half-agnostic batch of groups of 4, which Table 3's rows and earlier results.json assume.
 _AGNOSTIC_FRACTION = 0.5
+_IMAGES_PER_GROUP = 4
 
 _OUT = flags.DEFINE_string('out', None, 'Output folder (workdirs, tables).', required=True)
 _BASE = flags.DEFINE_string('base', 'tiny', 'Base config variant (model size): tiny or cpu.')
@@ -93,6 +94,7 @@ def make_config(variant: str, dataset: str, prepared: str | None):
   steps = _TASK_STEPS.value if c.stage == 2 else _STEPS.value
   t.num_steps, t.batch_size, t.learning_rate, t.warmup_steps = steps, _BATCH.value, _LR.value, _WARMUP.value
   c.data.agnostic_fraction = _AGNOSTIC_FRACTION
+  c.data.images_per_identity = _IMAGES_PER_GROUP
   t.checkpoint_every = steps
   t.ema_decay = _EMA.value
   t.log_every = max(1, min(50, steps // 10))
@@ -233,7 +235,8 @@ def tables_markdown(dataset: str, results: dict) -> str:
 
 def _scale() -> dict:
   return {'base': _BASE.value, 'resolution': _RESOLUTION.value, 'train_steps': _STEPS.value,
-          'batch_size': _BATCH.value, 'agnostic_fraction': _AGNOSTIC_FRACTION, 'learning_rate': _LR.value,
+          'batch_size': _BATCH.value, 'agnostic_fraction': _AGNOSTIC_FRACTION,
+          'images_per_group': _IMAGES_PER_GROUP, 'learning_rate': _LR.value,
           'ema_decay': _EMA.value,
           'timesteps': _TIMESTEPS.value,
           'train_identities': _TRAIN_IDS.value, 'test_identities': _TEST_IDS.value,

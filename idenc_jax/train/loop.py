@@ -152,19 +152,24 @@ def check_resumable(config, abstract_state, step_dir, workdir: str) -> None:
       'with.')
 
 
+# The batch layout's fields, and the value a config.json written before the field existed trained with.
+_LAYOUT_FIELDS = (('agnostic_fraction', 0.5), ('images_per_identity', None))
+
+
 def check_same_batch_layout(config, workdir: str) -> None:
-  """IncompatibleCheckpointError when the workdir's config.json trained with another agnostic share of the
-  batch (a config.json from before the field existed had the paper's half): resuming would change the
-  batches, and a resumed run is meant to see the batches it would have seen."""
+  """IncompatibleCheckpointError when the workdir's config.json trained with another batch layout (agnostic
+  share or images per identity; a config.json from before the agnostic share existed had the paper's half):
+  resuming would change the batches, and a resumed run is meant to see the batches it would have seen."""
   saved = epath.Path(workdir) / 'config.json'
   if not saved.exists():
     return
-  old = json.loads(saved.read_text()).get('data', {}).get('agnostic_fraction', 0.5)
-  if old != config.data.agnostic_fraction:
-    raise ckpt_lib.IncompatibleCheckpointError(
-        f'{workdir} was trained with data.agnostic_fraction={old} (its config.json), this config has '
-        f'{config.data.agnostic_fraction}: pass --config.data.agnostic_fraction={old} to continue it, or train '
-        'in a new --workdir.')
+  data = json.loads(saved.read_text()).get('data', {})
+  for field, before in _LAYOUT_FIELDS:
+    old, new = data.get(field, before), config.data[field]
+    if old is not None and old != new:
+      raise ckpt_lib.IncompatibleCheckpointError(
+          f'{workdir} was trained with data.{field}={old} (its config.json), this config has {new}: pass '
+          f'--config.data.{field}={old} to continue it, or train in a new --workdir.')
 
 
 def _init_from_earlier_stage(config, state: state_lib.TrainState) -> state_lib.TrainState:
