@@ -114,12 +114,15 @@ def seed_summary(curves: dict[str, list[dict]], groups: dict[str, list[str]]) ->
   reached: the mean of each metric over the runs with the standard error of that mean, and, for every variant
   after the first, the identity accuracy's difference from the first variant's run of the same seed (the
   i-th run of each group), mean and standard error over the seeds."""
+  def points_by_key(run):
+    return {(p['step'], p['guidance']): p for p in curves[run]}
+
   rows, first = [], next(iter(groups.values()), [])
+  base = [points_by_key(r) for r in first]
   for name, runs in groups.items():
     if len(runs) < 2:
       continue
-    by_run = [{(p['step'], p['guidance']): p for p in curves[r]} for r in runs]
-    base = [{(p['step'], p['guidance']): p for p in curves[r]} for r in first]
+    by_run = [points_by_key(r) for r in runs]
     for key in sorted(set.intersection(*(set(b) for b in by_run)), key=lambda k: (k[1], k[0])):
       points = [b[key] for b in by_run]
       acc = _accuracy_key(points)
@@ -277,7 +280,7 @@ def plot(curves: dict[str, list[dict]], path: str, title: str):
 def run_curves(base_config, workdir: str, variants: list[tuple[str, dict]], *, minutes: float, eval_every: int,
                weights: list[float], max_steps: int = 0, groups: dict[str, list[str]] | None = None) -> dict:
   """Trains and evaluates every variant (one run each), then writes the curve files; `groups` ({recipe:
-  [its runs' names]}, from `expand_seeds`) adds the over-seeds summary."""
+  [its runs' names]}, from `expand_seeds`) adds the over-seeds summary of its groups of two runs or more."""
   if minutes <= 0 or eval_every < 1 or max_steps < 0:
     raise ValueError(f'--minutes must be > 0, --eval_every >= 1 and --max_steps >= 0, got {minutes}, {eval_every} '
                      f'and {max_steps}.')
@@ -342,8 +345,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   if len(set(names)) != len(names):
     raise ValueError(f'--variant names must differ (with --seeds, NAME_sN too), got {names}.')
   run_curves(f.config, f.workdir, runs, minutes=f.minutes, eval_every=f.eval_every,
-             weights=guidance_lib.parse_guidance_sweep(f.guidance), max_steps=f.max_steps,
-             groups=groups if f.seeds else None)
+             weights=guidance_lib.parse_guidance_sweep(f.guidance), max_steps=f.max_steps, groups=groups)
 
 
 def console_main() -> None:
