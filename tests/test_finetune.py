@@ -82,3 +82,21 @@ def test_compare_times_and_evaluates_both_methods(tmp_path):
   with open(os.path.join(workdir, 'eval', 'finetune.json')) as f:
     assert json.load(f)['settings']['num_identities'] == 2
   assert 'fine-tuning' in open(os.path.join(workdir, 'eval', 'finetune.md')).read()
+
+
+def test_finetuning_compiles_with_the_train_steps_compiler_options():
+  # The paper configs turn XLA:CPU's YNNPACK fusions off for their kernel gradients (docs/performance.md);
+  # fine-tuning runs the same gradients, so it compiles with the same options. 32 channels: the width from
+  # which jax 0.10's default hands kernel gradients to YNNPACK.
+  def compiled_text(options):
+    c = _config()
+    c.model.base_channels = 32
+    c.finetune.steps = 2
+    c.train.compiler_options = options
+    gen_params = models.build_generator(c).init(
+        jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 32)))['params']
+    refs = jnp.zeros((2, 16, 16, 3), jnp.float32)
+    return finetune.make_finetuner(c).lower(gen_params, refs, jax.random.key(0)).compile().as_text()
+
+  assert 'ynn_fusion' not in compiled_text('xla_cpu_experimental_ynn_fusion_type=')
+  assert 'ynn_fusion' in compiled_text('') or jax.__version_info__ >= (0, 11), 'the default no longer uses YNNPACK'

@@ -27,6 +27,7 @@ import optax
 from idenc_jax import models
 from idenc_jax.diffusion import schedules
 from idenc_jax.train import losses
+from idenc_jax.train import step as step_lib
 
 
 def _flip(rng: jax.Array, x: jax.Array) -> jax.Array:
@@ -51,13 +52,15 @@ def make_finetuner(config, *, steps: int | None = None):
   """A jitted fn(gen_params, refs [R, H, W, 3] in [-1, 1], rng) -> (gen_params', z [D], losses [steps]).
 
   Inputs are not donated: the caller's parameters stay intact. One compiled function per architecture and
-  fine-tuning setting is shared.
+  fine-tuning setting is shared. It compiles with the train step's `config.train.compiler_options` (the
+  paper configs turn XLA:CPU's YNNPACK fusions off; fine-tuning runs the same kernel gradients).
   """
   ft = config.finetune
   steps = ft.steps if steps is None else steps
   if steps < 1:
     raise ValueError(f'config.finetune.steps must be >= 1, got {steps}.')
-  key = config.model.to_json() + config.diffusion.to_json() + config.loss.to_json() + ft.to_json() + str(steps)
+  key = (config.model.to_json() + config.diffusion.to_json() + config.loss.to_json() + ft.to_json() + str(steps)
+         + config.train.compiler_options)
   if key not in _FINETUNERS:
     _FINETUNERS[key] = _build_finetuner(config, steps)
   return _FINETUNERS[key]
@@ -90,4 +93,4 @@ def _build_finetuner(config, steps: int):
     (params, _), hist = jax.lax.scan(step, (params, opt.init(params)), jnp.arange(steps))
     return params['generator'], params['z'], hist
 
-  return jax.jit(run)
+  return jax.jit(run, compiler_options=step_lib.compiler_options(config))
