@@ -278,6 +278,7 @@ def test_mixing_weights_and_uniform_identities():
     (32, 4, 1, 0, 1.0, 'strictly between 0 and 1'),
     (32, 4, 1, 0, float('nan'), 'strictly between 0 and 1'),
     (16, 4, 1, 0, 15 / 16, 'leaves 1 identity image'),
+    (16, 4, 1, 0, 0.75, 'K = 1 identity group per batch'),
     (36, 4, 1, 0, 0.5, 'not divisible by config.data.images_per_identity'),
     (32, 1, 1, 0, 0.5, '>= 2'),
     (32, 4, 3, 0, 0.5, 'divisible by the 3 processes'),

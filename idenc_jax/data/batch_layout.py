@@ -53,6 +53,11 @@ def batch_spec(config, process_index: int | None = None, process_count: int | No
     raise ValueError(f'The identity part of the batch, {b - b_ag} images (config.train.batch_size minus its '
                      f'{b_ag} agnostic), is not divisible by config.data.images_per_identity={m}.')
   k = (b - b_ag) // m
+  if k < 2 and config.stage == 1 and config.loss.use_id_loss:
+    # The soft nearest-neighbour loss contrasts groups: with one, every partner shares the label and it is 0.
+    raise ValueError(f'K = {k} identity group per batch: the identity loss (config.loss.use_id_loss) needs at '
+                     'least 2 to compare; raise config.train.batch_size or lower data.images_per_identity / '
+                     'data.agnostic_fraction.')
   if k % process_count:
     raise ValueError(f'K = {k} identity groups per batch (identity images / images_per_identity) is not '
                      f'divisible by the {process_count} processes; each process needs whole groups.')
