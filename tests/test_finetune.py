@@ -98,5 +98,7 @@ def test_finetuning_compiles_with_the_train_steps_compiler_options():
     refs = jnp.zeros((2, 16, 16, 3), jnp.float32)
     return finetune.make_finetuner(c).lower(gen_params, refs, jax.random.key(0)).compile().as_text()
 
+  with pytest.raises(Exception, match='xla_cpu_no_such_option'):   # the options reach XLA, on any version
+    compiled_text('xla_cpu_no_such_option=true')
   assert 'ynn_fusion' not in compiled_text('xla_cpu_experimental_ynn_fusion_type=')
   assert 'ynn_fusion' in compiled_text('') or jax.__version_info__ >= (0, 11), 'the default no longer uses YNNPACK'

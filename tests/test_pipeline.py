@@ -291,6 +291,17 @@ def test_validation_errors(batch_size, m, count, index, fraction, match):
                                  process_count=count, sources=_sources())
 
 
+def test_one_identity_group_only_without_the_identity_loss():
+  # 16 images, 12 agnostic: one group of 4. The identity loss contrasts groups (0 with one), so a training
+  # run with it on is refused; without it (diffae's settings) or for timing only, the layout is fine.
+  one_group = _config(16, 4, agnostic_fraction=0.75)
+  with pytest.raises(ValueError, match='K = 1 identity group per batch'):
+    pipeline.batch_spec(one_group, 0, 1)
+  assert pipeline.batch_spec(one_group, 0, 1, training=False).num_groups == 1
+  one_group.loss.use_id_loss = False
+  assert pipeline.batch_spec(one_group, 0, 1).num_groups == 1
+
+
 def test_spec_sizes():
   spec = pipeline.batch_spec(_config(128, 4), 1, 4)
   assert (spec.id_size, spec.agnostic_size, spec.num_groups, spec.local_groups, spec.local_agnostic) == \

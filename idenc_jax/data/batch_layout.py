@@ -38,8 +38,11 @@ class BatchSpec:
     return self.agnostic_size // self.process_count
 
 
-def batch_spec(config, process_index: int | None = None, process_count: int | None = None) -> BatchSpec:
-  """Validates the batch layout against the config and the process count."""
+def batch_spec(config, process_index: int | None = None, process_count: int | None = None, *,
+               training: bool = True) -> BatchSpec:
+  """Validates the batch layout against the config and the process count. `training=False` (benchmarks,
+  which time the step at any batch, e.g. 1 group of 2 + 2 agnostic for the 128-px model) allows a single
+  identity group with the identity loss on; a training run must not have one."""
   if process_index is None or process_count is None:
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -53,7 +56,7 @@ def batch_spec(config, process_index: int | None = None, process_count: int | No
     raise ValueError(f'The identity part of the batch, {b - b_ag} images (config.train.batch_size minus its '
                      f'{b_ag} agnostic), is not divisible by config.data.images_per_identity={m}.')
   k = (b - b_ag) // m
-  if k < 2 and config.stage == 1 and config.loss.use_id_loss:
+  if training and k < 2 and config.stage == 1 and config.loss.use_id_loss:
     # The soft nearest-neighbour loss contrasts groups: with one, every partner shares the label and it is 0.
     raise ValueError(f'K = {k} identity group per batch: the identity loss (config.loss.use_id_loss) needs at '
                      'least 2 to compare; raise config.train.batch_size or lower data.images_per_identity / '

@@ -29,7 +29,7 @@ from idenc_jax.train import update as update_lib
 
 def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   """A host batch of the training batch's structure: K groups of M identity images + the agnostic images."""
-  spec = batch_spec(config, 0, 1)
+  spec = batch_spec(config, 0, 1, training=False)   # timing only: one group is allowed
   b, r, m, n_id = config.train.batch_size, config.model.resolution, spec.images_per_identity, spec.id_size
   rng = np.random.default_rng(seed)
   groups = np.repeat(np.arange(n_id // m, dtype=np.int32), m)

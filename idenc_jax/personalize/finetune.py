@@ -45,7 +45,7 @@ def reference_loss(config, generator, schedule: schedules.NoiseSchedule, gen_par
   return losses.weighted_diffusion_loss(config, schedule, out, x0, noise, t).mean()
 
 
-_FINETUNERS: dict[str, Any] = {}
+_FINETUNERS: dict[tuple, Any] = {}
 
 
 def make_finetuner(config, *, steps: int | None = None):
@@ -53,14 +53,15 @@ def make_finetuner(config, *, steps: int | None = None):
 
   Inputs are not donated: the caller's parameters stay intact. One compiled function per architecture and
   fine-tuning setting is shared. It compiles with the train step's `config.train.compiler_options` (the
-  paper configs turn XLA:CPU's YNNPACK fusions off; fine-tuning runs the same kernel gradients).
+  paper configs turn XLA:CPU's YNNPACK fusions off; fine-tuning runs the same kernel gradients), which the
+  training run has already validated; being a top-level jit with options, it cannot be nested in another jit.
   """
   ft = config.finetune
   steps = ft.steps if steps is None else steps
   if steps < 1:
     raise ValueError(f'config.finetune.steps must be >= 1, got {steps}.')
-  key = (config.model.to_json() + config.diffusion.to_json() + config.loss.to_json() + ft.to_json() + str(steps)
-         + config.train.compiler_options)
+  key = (config.model.to_json(), config.diffusion.to_json(), config.loss.to_json(), ft.to_json(), steps,
+         config.train.compiler_options)
   if key not in _FINETUNERS:
     _FINETUNERS[key] = _build_finetuner(config, steps)
   return _FINETUNERS[key]
