@@ -164,7 +164,8 @@ def _paper_config() -> config_dict.ConfigDict:
   # 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'); '' : XLA's defaults.
   # The default turns XLA:CPU's YNNPACK fusions off: they take the kernel-gradient convolutions, which then
   # run several times slower than XLA's own; the 128 px model's CPU step went from 42.6 to 24.0 s
-  # (docs/performance.md). An xla_cpu_* option does nothing on GPUs and TPUs.
+  # (docs/performance.md). xla_cpu_* options are left out where the step compiles for a GPU or TPU (and
+  # xla_gpu_* ones on a CPU), so one config serves every backend.
   t.compiler_options = 'xla_cpu_experimental_ynn_fusion_type='
   t.sample_every = 20_000
   t.sample_identities = 4      # held-out identities in the periodic sample grid

@@ -354,6 +354,13 @@ def test_paper_configs_turn_ynnpack_off_and_the_cpu_configs_keep_xla_defaults():
   assert step_lib.compiler_options(cpu) is None
   assert step_lib.compiler_options(levers.variant_config(paper, 'ynnon')) is None
   assert step_lib.compiler_options(levers.variant_config(cpu, 'ynnoff')) == step_lib.compiler_options(paper)
+  # An XLA:CPU option is left out where the step compiles for a GPU or TPU (and a GPU option on a CPU).
+  assert step_lib.compiler_options(paper, platform='gpu') is None
+  assert step_lib.compiler_options(paper, platform='tpu') is None
+  both = tiny(**{'train.compiler_options':
+                     'xla_cpu_enable_fast_math=false;xla_gpu_enable_latency_hiding_scheduler=true'})
+  assert step_lib.compiler_options(both, platform='gpu') == {'xla_gpu_enable_latency_hiding_scheduler': True}
+  assert step_lib.compiler_options(both) == {'xla_cpu_enable_fast_math': False}     # here: the CPU
 
 
 def test_compiler_options_parse_and_reject_malformed_entries():

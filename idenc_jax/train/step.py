@@ -13,10 +13,18 @@ from idenc_jax.train import state as state_lib
 from idenc_jax.train import update as update_lib
 
 
-def compiler_options(config, extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
+_PLATFORM_PREFIXES = {'cpu': 'xla_cpu_', 'gpu': 'xla_gpu_', 'tpu': 'xla_tpu_'}
+
+
+def compiler_options(config, extra: dict[str, Any] | None = None,
+                     platform: str | None = None) -> dict[str, Any] | None:
   """config.train.compiler_options 'name=value;name=value' -> {name: value} for `Lowered.compile`, with
   `extra` (a caller's options) over them; None when empty. 'true' / 'false' become booleans and numbers
-  numbers; anything else stays text (enum names)."""
+  numbers; anything else stays text (enum names). Options of another platform's compiler (xla_cpu_* on a
+  GPU, xla_gpu_* on a CPU...) are left out, so one config serves every backend; `platform` defaults to
+  jax's default backend."""
+  platform = platform or jax.default_backend()
+  foreign = tuple(prefix for name, prefix in _PLATFORM_PREFIXES.items() if name != platform)
   out = {}
   for item in filter(None, (p.strip() for p in config.train.compiler_options.split(';'))):
     name, sep, value = item.partition('=')
@@ -34,6 +42,7 @@ def compiler_options(config, extra: dict[str, Any] | None = None) -> dict[str, A
           out[name.strip()] = float(value)
         except ValueError:
           out[name.strip()] = value
+  out = {name: value for name, value in out.items() if not name.startswith(foreign)}
   return {**out, **(extra or {})} or None
 
 
