@@ -4,11 +4,13 @@ import json
 import math
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from configs import base
 from idenc_jax.experiments import curve
+from idenc_jax.train import checkpoint as ckpt_lib
 
 from test_personalize import shrink  # noqa: E402
 
@@ -133,6 +135,39 @@ def test_tiny_curve_end_to_end(tmp_path):
   assert rows[0]['oracle_id_accuracy'] == pytest.approx(np.mean(accs))
   assert json.load(open(tmp_path / 'curve.json'))['seed_summary'] == rows
   assert '## Over seeds' in (tmp_path / 'curve.md').read_text()
+
+
+def test_extend_continues_a_finished_run_and_times_it_from_where_it_stopped(tmp_path):
+  config = base.get_config('tiny')
+  shrink(config)
+  config.eval.steps = 2
+  first = curve.run_curves(config, str(tmp_path), [('a', {})], minutes=10, eval_every=2, weights=[1.0], max_steps=2)
+  assert [p['step'] for p in first['curves']['a']] == [2]
+  # Without --extend a finished run is kept as it is, whatever --max_steps says.
+  same = curve.run_curves(config, str(tmp_path), [('a', {})], minutes=10, eval_every=2, weights=[1.0], max_steps=4)
+  assert same['curves']['a'] == first['curves']['a']
+  more = curve.run_curves(config, str(tmp_path), [('a', {})], minutes=10, eval_every=2, weights=[1.0], max_steps=4,
+                          extend=True)
+  points = more['curves']['a']
+  assert [p['step'] for p in points] == [2, 4] and points[0] == first['curves']['a'][0]
+  assert points[1]['minutes'] > points[0]['minutes']   # the clock goes on from step 2's time
+  clock = json.load(open(tmp_path / 'a' / 'clock.json'))
+  assert clock.keys() == {'2', '4'} and clock['4'] > clock['2']
+  # The continued run is the run trained straight to step 4 (constant learning rate, exact resume).
+  straight = curve.run_curves(config, str(tmp_path / 'straight'), [('a', {})], minutes=10, eval_every=4,
+                              weights=[1.0], max_steps=4)
+  a = ckpt_lib.load_params(str(tmp_path / 'a' / 'checkpoints' / '4'), ema=True)
+  b = ckpt_lib.load_params(str(tmp_path / 'straight' / 'a' / 'checkpoints' / '4'), ema=True)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+  assert straight['curves']['a'][0]['oracle_id_accuracy'] == pytest.approx(points[1]['oracle_id_accuracy'])
+  # A decaying learning rate would change its horizon: refused, and nothing is trained.
+  with pytest.raises(ValueError, match='only a constant learning rate can be extended'):
+    curve.run_curves(config, str(tmp_path), [('a', {'train.lr_schedule': 'cosine'})], minutes=10, eval_every=2,
+                     weights=[1.0], max_steps=6, extend=True)
+  with pytest.raises(ValueError, match='pass --max_steps'):
+    curve.run_curves(config, str(tmp_path), [('a', {})], minutes=10, eval_every=2, weights=[1.0], extend=True)
+  assert json.load(open(tmp_path / 'a' / 'clock.json')) == clock
 
 
 def test_command_line_flags():

@@ -24,7 +24,9 @@ hundredths.
 Writes WORKDIR/curve.json (every point and the settings), curve.md (one table per variant) and curve.png
 (the identity accuracy against minutes and against steps; on real faces also the face rate). A variant
 whose training finished (WORKDIR/NAME/clock.json) is not trained again, and evaluated points are kept
-(WORKDIR/NAME/points.json): a stopped run resumes.
+(WORKDIR/NAME/points.json): a stopped run resumes. With `--extend --max_steps=M` finished runs that stopped
+below step M continue from their last checkpoint for another `--minutes` (a constant learning rate only, where
+the continued run is the run trained to M), their new checkpoints timed from where the clock stopped.
 """
 
 from __future__ import annotations
@@ -165,17 +167,32 @@ def _has_checkpoint(workdir: str) -> bool:
     return False
 
 
-def train_variant(config, workdir: str) -> dict[str, float]:
+def train_variant(config, workdir: str, *, extend: bool = False) -> dict[str, float]:
   """Trains `config` in `workdir` for its time budget; returns {step: seconds since the start} per checkpoint
-  (kept in WORKDIR/clock.json, whose presence means the training finished)."""
+  (kept in WORKDIR/clock.json, whose presence means the training finished). With `extend`, a finished run whose
+  last checkpoint is below train.num_steps resumes from it for another time budget; its new checkpoints' times
+  continue from the last recorded one (the restart's compile counts, as a user would wait for it)."""
   path = os.path.join(workdir, 'clock.json')
+  clock, offset = {}, 0.0
   if os.path.exists(path):
     with open(path) as f:
-      return json.load(f)
-  if _has_checkpoint(workdir):
+      clock = json.load(f)
+    last = max(int(s) for s in clock)
+    if not extend or last >= config.train.num_steps:
+      return clock
+    if config.train.lr_schedule != 'constant':
+      raise ValueError(f'{workdir}: train.lr_schedule={config.train.lr_schedule!r} decays over train.num_steps, so '
+                       'continuing the run to more steps would not be the run trained to them; only a constant '
+                       'learning rate can be extended.')
+    if ckpt_lib.checkpoint_step(workdir) != last:
+      raise ValueError(f'{workdir} holds checkpoint {ckpt_lib.checkpoint_step(workdir)} but its clock.json ends at '
+                       f'step {last} (a stopped extension): its wall times are lost; delete the checkpoints after '
+                       f'{last} to extend it again.')
+    offset = clock[str(last)]
+  elif _has_checkpoint(workdir):
     raise ValueError(f'{workdir} holds checkpoints but no clock.json (a stopped curve run): its wall times '
                      'are lost; delete the folder to train the variant again.')
-  clock, t0 = {}, time.time()
+  t0 = time.time() - offset
   # Interrupted (Ctrl-C or SIGTERM) propagates: the variants after this one must not start.
   loop.train_and_evaluate(config, workdir, on_checkpoint=lambda step: clock.__setitem__(str(step), time.time() - t0),
                           raise_on_signal=True)
@@ -278,12 +295,16 @@ def plot(curves: dict[str, list[dict]], path: str, title: str):
 
 
 def run_curves(base_config, workdir: str, variants: list[tuple[str, dict]], *, minutes: float, eval_every: int,
-               weights: list[float], max_steps: int = 0, groups: dict[str, list[str]] | None = None) -> dict:
+               weights: list[float], max_steps: int = 0, groups: dict[str, list[str]] | None = None,
+               extend: bool = False) -> dict:
   """Trains and evaluates every variant (one run each), then writes the curve files; `groups` ({recipe:
-  [its runs' names]}, from `expand_seeds`) adds the over-seeds summary of its groups of two runs or more."""
+  [its runs' names]}, from `expand_seeds`) adds the over-seeds summary of its groups of two runs or more;
+  `extend` continues finished runs to `max_steps` (see train_variant)."""
   if minutes <= 0 or eval_every < 1 or max_steps < 0:
     raise ValueError(f'--minutes must be > 0, --eval_every >= 1 and --max_steps >= 0, got {minutes}, {eval_every} '
                      f'and {max_steps}.')
+  if extend and not max_steps:
+    raise ValueError('--extend continues finished runs to --max_steps; pass --max_steps.')
   configs = {}
   for name, overrides in variants:   # every override checked before anything trains
     c = cli.apply_overrides(base_config, overrides)
@@ -303,7 +324,7 @@ def run_curves(base_config, workdir: str, variants: list[tuple[str, dict]], *, m
   curves = {}
   for name, c in configs.items():
     wd = os.path.join(workdir, name)
-    clock = train_variant(c, wd)
+    clock = train_variant(c, wd, extend=extend)
     curves[name] = evaluate_checkpoints(c, wd, clock, weights or [guidance_lib.check_guidance(c.eval.guidance)])
   summary = seed_summary(curves, groups) if groups else []
   result = {'curves': curves, 'variants': {n: o for n, o in variants}, **({'seed_summary': summary} if summary else {}),
@@ -334,6 +355,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       'config.eval.guidance).', **where)
   flags.DEFINE_string('seeds', '', "Train every variant once per seed, e.g. '0,1,2,3', and report means over the "
                       'seeds with their standard errors (default: one run, config.seed).', **where)
+  flags.DEFINE_bool('extend', False, 'Continue finished runs whose last checkpoint is below --max_steps (constant '
+                    'learning rate only) for another --minutes, and evaluate their new checkpoints.', **where)
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
@@ -345,7 +368,8 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   if len(set(names)) != len(names):
     raise ValueError(f'--variant names must differ (with --seeds, NAME_sN too), got {names}.')
   run_curves(f.config, f.workdir, runs, minutes=f.minutes, eval_every=f.eval_every,
-             weights=guidance_lib.parse_guidance_sweep(f.guidance), max_steps=f.max_steps, groups=groups)
+             weights=guidance_lib.parse_guidance_sweep(f.guidance), max_steps=f.max_steps, groups=groups,
+             extend=f.extend)
 
 
 def console_main() -> None:
