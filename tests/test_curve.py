@@ -146,13 +146,25 @@ def test_extend_continues_a_finished_run_and_times_it_from_where_it_stopped(tmp_
   # Without --extend a finished run is kept as it is, whatever --max_steps says.
   same = curve.run_curves(config, str(tmp_path), [('a', {})], minutes=10, eval_every=2, weights=[1.0], max_steps=4)
   assert same['curves']['a'] == first['curves']['a']
+  # Refusals come before anything trains: a decaying learning rate (its horizon would move) and a config
+  # that differs from the run's own in what shapes the weights.
+  for overrides, message in (({'train.lr_schedule': 'cosine'}, 'only a constant learning rate can be extended'),
+                             ({'loss.null_identity_prob': '0.3'}, r'trained with loss.null_identity_prob=0.0; ')):
+    with pytest.raises(ValueError, match=message):
+      curve.run_curves(config, str(tmp_path), [('new', {}), ('a', overrides)], minutes=10, eval_every=2,
+                       weights=[1.0], max_steps=4, extend=True)
+    assert not (tmp_path / 'new').exists()
+  with pytest.raises(ValueError, match='pass --max_steps'):
+    curve.run_curves(config, str(tmp_path), [('a', {})], minutes=10, eval_every=2, weights=[1.0], extend=True)
+  # The clock goes on from step 2's recorded time (set far ahead here, so a restart from zero would show).
+  json.dump({'2': 1e6}, open(tmp_path / 'a' / 'clock.json', 'w'))
   more = curve.run_curves(config, str(tmp_path), [('a', {})], minutes=10, eval_every=2, weights=[1.0], max_steps=4,
                           extend=True)
   points = more['curves']['a']
   assert [p['step'] for p in points] == [2, 4] and points[0] == first['curves']['a'][0]
-  assert points[1]['minutes'] > points[0]['minutes']   # the clock goes on from step 2's time
   clock = json.load(open(tmp_path / 'a' / 'clock.json'))
-  assert clock.keys() == {'2', '4'} and clock['4'] > clock['2']
+  assert clock.keys() == {'2', '4'} and 1e6 < clock['4'] < 1e6 + 600
+  assert points[1]['minutes'] == pytest.approx(clock['4'] / 60)
   # The continued run is the run trained straight to step 4 (constant learning rate, exact resume).
   straight = curve.run_curves(config, str(tmp_path / 'straight'), [('a', {})], minutes=10, eval_every=4,
                               weights=[1.0], max_steps=4)
@@ -161,13 +173,11 @@ def test_extend_continues_a_finished_run_and_times_it_from_where_it_stopped(tmp_
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
   assert straight['curves']['a'][0]['oracle_id_accuracy'] == pytest.approx(points[1]['oracle_id_accuracy'])
-  # A decaying learning rate would change its horizon: refused, and nothing is trained.
-  with pytest.raises(ValueError, match='only a constant learning rate can be extended'):
-    curve.run_curves(config, str(tmp_path), [('a', {'train.lr_schedule': 'cosine'})], minutes=10, eval_every=2,
-                     weights=[1.0], max_steps=6, extend=True)
-  with pytest.raises(ValueError, match='pass --max_steps'):
-    curve.run_curves(config, str(tmp_path), [('a', {})], minutes=10, eval_every=2, weights=[1.0], extend=True)
-  assert json.load(open(tmp_path / 'a' / 'clock.json')) == clock
+  # Checkpoints that end past the clock's last step (an extension stopped before writing its clock): refused.
+  json.dump({'2': clock['2']}, open(tmp_path / 'a' / 'clock.json', 'w'))
+  with pytest.raises(ValueError, match='checkpoints ends at step 4 but its clock.json at step 2'):
+    curve.run_curves(config, str(tmp_path), [('a', {})], minutes=10, eval_every=2, weights=[1.0], max_steps=6,
+                     extend=True)
 
 
 def test_command_line_flags():
@@ -175,6 +185,7 @@ def test_command_line_flags():
   fv = flags.FlagValues()
   curve.define_flags(fv)
   fv(['curve', '--config=configs/base.py:tiny', '--workdir=out', '--minutes=2', "--variant=a:", '--variant=b:x.y=1',
-      '--guidance=1,3', '--seeds=0,1'])
+      '--guidance=1,3', '--seeds=0,1', '--extend', '--max_steps=9'])
   assert (fv.workdir, fv.minutes, fv.variant, fv.guidance, fv.seeds) == ('out', 2.0, ['a:', 'b:x.y=1'], '1,3', '0,1')
+  assert fv.extend and fv.max_steps == 9
   assert fv.config.eval.steps == 4 and fv.eval_every == 1000   # the tiny config, loaded

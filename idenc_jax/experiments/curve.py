@@ -25,8 +25,9 @@ Writes WORKDIR/curve.json (every point and the settings), curve.md (one table pe
 (the identity accuracy against minutes and against steps; on real faces also the face rate). A variant
 whose training finished (WORKDIR/NAME/clock.json) is not trained again, and evaluated points are kept
 (WORKDIR/NAME/points.json): a stopped run resumes. With `--extend --max_steps=M` finished runs that stopped
-below step M continue from their last checkpoint for another `--minutes` (a constant learning rate only, where
-the continued run is the run trained to M), their new checkpoints timed from where the clock stopped.
+below step M continue from their last checkpoint for another `--minutes` (a constant learning rate and the
+run's own config only, so that they follow the run trained straight through), their new checkpoints timed from
+where the clock stopped.
 """
 
 from __future__ import annotations
@@ -167,36 +168,79 @@ def _has_checkpoint(workdir: str) -> bool:
     return False
 
 
+# What a continued run may change: how long it trains and how it is recorded, nothing that shapes the weights.
+_EXTEND_MAY_CHANGE = ('train.num_steps', 'train.time_budget_minutes', 'train.checkpoint_every',
+                      'train.keep_checkpoints', 'train.log_every', 'train.sample_every', 'compilation_cache_dir')
+_TRAINING_SECTIONS = ('seed', 'stage', 'init_from', 'model', 'encoder', 'stage2', 'diffusion', 'loss', 'data',
+                      'train')
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def _read_clock(workdir: str) -> dict[str, float] | None:
+  path = os.path.join(workdir, 'clock.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def to_extend(config, workdir: str) -> bool:
+  """Whether `--extend` continues the finished run in `workdir` (its last checkpoint is below
+  train.num_steps); a ValueError, before anything trains, where continuing would not give the run trained
+  straight to train.num_steps: a decaying learning rate (its horizon moves), a config that differs from the
+  run's own config.json in anything but how long it trains, or checkpoints that do not end where its clock does."""
+  clock = _read_clock(workdir)
+  if not clock:
+    return False
+  last = max(int(s) for s in clock)
+  if last >= config.train.num_steps:
+    logging.info('%s: finished at step %d >= --max_steps=%d, nothing to extend.', workdir, last,
+                 config.train.num_steps)
+    return False
+  if config.train.lr_schedule != 'constant':
+    raise ValueError(f'{workdir}: train.lr_schedule={config.train.lr_schedule!r} decays over train.num_steps, so '
+                     'continuing the run to more steps would not be the run trained to them; only a constant '
+                     'learning rate can be extended.')
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = _flat({k: v for k, v in json.load(f).items() if k in _TRAINING_SECTIONS})
+  new = _flat({k: v for k, v in json.loads(config.to_json_best_effort()).items() if k in _TRAINING_SECTIONS})
+  changed = sorted(k for k in saved if k not in _EXTEND_MAY_CHANGE and k in new and new[k] != saved[k])
+  if changed:
+    raise ValueError(f'{workdir} was trained with ' + ', '.join(f'{k}={saved[k]!r}' for k in changed) +
+                     '; a continued run must keep them (pass the same config and overrides as its first run).')
+  latest = ckpt_lib.checkpoint_step(workdir)
+  if latest != last:
+    raise ValueError(f'{workdir}/checkpoints ends at step {latest} but its clock.json at step {last}, so the '
+                     'new wall times would not follow on: keep only the checkpoints up to the clock\'s last step.')
+  return True
+
+
 def train_variant(config, workdir: str, *, extend: bool = False) -> dict[str, float]:
   """Trains `config` in `workdir` for its time budget; returns {step: seconds since the start} per checkpoint
-  (kept in WORKDIR/clock.json, whose presence means the training finished). With `extend`, a finished run whose
-  last checkpoint is below train.num_steps resumes from it for another time budget; its new checkpoints' times
-  continue from the last recorded one (the restart's compile counts, as a user would wait for it)."""
-  path = os.path.join(workdir, 'clock.json')
-  clock, offset = {}, 0.0
-  if os.path.exists(path):
-    with open(path) as f:
-      clock = json.load(f)
-    last = max(int(s) for s in clock)
-    if not extend or last >= config.train.num_steps:
-      return clock
-    if config.train.lr_schedule != 'constant':
-      raise ValueError(f'{workdir}: train.lr_schedule={config.train.lr_schedule!r} decays over train.num_steps, so '
-                       'continuing the run to more steps would not be the run trained to them; only a constant '
-                       'learning rate can be extended.')
-    if ckpt_lib.checkpoint_step(workdir) != last:
-      raise ValueError(f'{workdir} holds checkpoint {ckpt_lib.checkpoint_step(workdir)} but its clock.json ends at '
-                       f'step {last} (a stopped extension): its wall times are lost; delete the checkpoints after '
-                       f'{last} to extend it again.')
-    offset = clock[str(last)]
-  elif _has_checkpoint(workdir):
+  (kept in WORKDIR/clock.json, whose presence means the training finished). With `extend` (checked by
+  `to_extend`), a finished run resumes from its last checkpoint for another time budget; its new checkpoints'
+  times continue from the last recorded one (the restart's compile counts, as a user would wait for it)."""
+  clock = _read_clock(workdir)
+  if clock is not None and not extend:
+    return clock
+  if clock is None and _has_checkpoint(workdir):
     raise ValueError(f'{workdir} holds checkpoints but no clock.json (a stopped curve run): its wall times '
                      'are lost; delete the folder to train the variant again.')
-  t0 = time.time() - offset
+  clock = clock or {}
+  t0 = time.time() - (clock[str(max(int(s) for s in clock))] if clock else 0.0)
   # Interrupted (Ctrl-C or SIGTERM) propagates: the variants after this one must not start.
   loop.train_and_evaluate(config, workdir, on_checkpoint=lambda step: clock.__setitem__(str(step), time.time() - t0),
                           raise_on_signal=True)
-  with open(path, 'w') as f:
+  with open(os.path.join(workdir, 'clock.json'), 'w') as f:
     json.dump(clock, f, indent=2)
   return clock
 
@@ -321,10 +365,11 @@ def run_curves(base_config, workdir: str, variants: list[tuple[str, dict]], *, m
       c.train.checkpoint_every = eval_every
       c.train.keep_checkpoints = 1_000_000
     configs[name] = c
+  extending = {name: extend and to_extend(c, os.path.join(workdir, name)) for name, c in configs.items()}
   curves = {}
   for name, c in configs.items():
     wd = os.path.join(workdir, name)
-    clock = train_variant(c, wd, extend=extend)
+    clock = train_variant(c, wd, extend=extending[name])
     curves[name] = evaluate_checkpoints(c, wd, clock, weights or [guidance_lib.check_guidance(c.eval.guidance)])
   summary = seed_summary(curves, groups) if groups else []
   result = {'curves': curves, 'variants': {n: o for n, o in variants}, **({'seed_summary': summary} if summary else {}),
