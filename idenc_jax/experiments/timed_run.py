@@ -1,0 +1,99 @@
+"""A curve variant's training run, timed: WORKDIR/clock.json records the wall time at each checkpoint, from
+the start of the run (compile included), and its presence means the run finished; a finished run with a
+constant learning rate can be continued to more steps, its clock following on."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import logging
+
+from idenc_jax.train import checkpoint as ckpt_lib
+from idenc_jax.train import loop
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  try:
+    ckpt_lib.checkpoint_step(workdir)
+    return True
+  except FileNotFoundError:
+    return False
+
+
+# What a continued run may change: how long it trains and how it is recorded, nothing that shapes the weights.
+_EXTEND_MAY_CHANGE = ('train.num_steps', 'train.time_budget_minutes', 'train.checkpoint_every',
+                      'train.keep_checkpoints', 'train.log_every', 'train.sample_every', 'compilation_cache_dir')
+_TRAINING_SECTIONS = ('seed', 'stage', 'init_from', 'model', 'encoder', 'stage2', 'diffusion', 'loss', 'data',
+                      'train')
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def _read_clock(workdir: str) -> dict[str, float] | None:
+  path = os.path.join(workdir, 'clock.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def to_extend(config, workdir: str) -> bool:
+  """Whether `--extend` continues the finished run in `workdir` (its last checkpoint is below
+  train.num_steps); a ValueError, before anything trains, where continuing would not give the run trained
+  straight to train.num_steps: a decaying learning rate (its horizon moves), a config that differs from the
+  run's own config.json in anything but how long it trains, or checkpoints that do not end where its clock does."""
+  clock = _read_clock(workdir)
+  if not clock:
+    return False
+  last = max(int(s) for s in clock)
+  if last >= config.train.num_steps:
+    logging.info('%s: finished at step %d >= --max_steps=%d, nothing to extend.', workdir, last,
+                 config.train.num_steps)
+    return False
+  if config.train.lr_schedule != 'constant':
+    raise ValueError(f'{workdir}: train.lr_schedule={config.train.lr_schedule!r} decays over train.num_steps, so '
+                     'continuing the run to more steps would not be the run trained to them; only a constant '
+                     'learning rate can be extended.')
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = _flat({k: v for k, v in json.load(f).items() if k in _TRAINING_SECTIONS})
+  new = _flat({k: v for k, v in json.loads(config.to_json_best_effort()).items() if k in _TRAINING_SECTIONS})
+  changed = sorted(k for k in saved if k not in _EXTEND_MAY_CHANGE and k in new and new[k] != saved[k])
+  if changed:
+    raise ValueError(f'{workdir} was trained with ' + ', '.join(f'{k}={saved[k]!r}' for k in changed) +
+                     '; a continued run must keep them (pass the same config and overrides as its first run).')
+  latest = ckpt_lib.checkpoint_step(workdir)
+  if latest != last:
+    raise ValueError(f'{workdir}/checkpoints ends at step {latest} but its clock.json at step {last}, so the '
+                     'new wall times would not follow on: keep only the checkpoints up to the clock\'s last step.')
+  return True
+
+
+def train_variant(config, workdir: str, *, extend: bool = False) -> dict[str, float]:
+  """Trains `config` in `workdir` for its time budget; returns {step: seconds since the start} per checkpoint
+  (kept in WORKDIR/clock.json, whose presence means the training finished). With `extend` (checked by
+  `to_extend`), a finished run resumes from its last checkpoint for another time budget; its new checkpoints'
+  times continue from the last recorded one (the restart's compile counts, as a user would wait for it)."""
+  clock = _read_clock(workdir)
+  if clock is not None and not extend:
+    return clock
+  if clock is None and _has_checkpoint(workdir):
+    raise ValueError(f'{workdir} holds checkpoints but no clock.json (a stopped curve run): its wall times '
+                     'are lost; delete the folder to train the variant again.')
+  clock = clock or {}
+  t0 = time.time() - (clock[str(max(int(s) for s in clock))] if clock else 0.0)
+  # Interrupted (Ctrl-C or SIGTERM) propagates: the variants after this one must not start.
+  loop.train_and_evaluate(config, workdir, on_checkpoint=lambda step: clock.__setitem__(str(step), time.time() - t0),
+                          raise_on_signal=True)
+  with open(os.path.join(workdir, 'clock.json'), 'w') as f:
+    json.dump(clock, f, indent=2)
+  return clock
