@@ -29,22 +29,16 @@ _TRAINING_SECTIONS = ('seed', 'stage', 'init_from', 'model', 'encoder', 'stage2'
                       'train')
 
 
-def _flat(tree: dict, prefix: str = '') -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
 def _read_clock(workdir: str) -> dict[str, float] | None:
   path = os.path.join(workdir, 'clock.json')
   if not os.path.exists(path):
     return None
   with open(path) as f:
     return json.load(f)
+
+
+def _last_step(clock: dict[str, float]) -> int:
+  return max(int(s) for s in clock)
 
 
 def to_extend(config, workdir: str) -> bool:
@@ -55,7 +49,7 @@ def to_extend(config, workdir: str) -> bool:
   clock = _read_clock(workdir)
   if not clock:
     return False
-  last = max(int(s) for s in clock)
+  last = _last_step(clock)
   if last >= config.train.num_steps:
     logging.info('%s: finished at step %d >= --max_steps=%d, nothing to extend.', workdir, last,
                  config.train.num_steps)
@@ -64,12 +58,12 @@ def to_extend(config, workdir: str) -> bool:
     raise ValueError(f'{workdir}: train.lr_schedule={config.train.lr_schedule!r} decays over train.num_steps, so '
                      'continuing the run to more steps would not be the run trained to them; only a constant '
                      'learning rate can be extended.')
-  with open(os.path.join(workdir, 'config.json')) as f:
-    saved = _flat({k: v for k, v in json.load(f).items() if k in _TRAINING_SECTIONS})
-  new = _flat({k: v for k, v in json.loads(config.to_json_best_effort()).items() if k in _TRAINING_SECTIONS})
-  changed = sorted(k for k in saved if k not in _EXTEND_MAY_CHANGE and k in new and new[k] != saved[k])
+  # Fields one side lacks (added to the config after the run trained) are not counted as changes.
+  changed = {k: old for k, (old, new) in loop.config_changes(config, workdir).items()
+             if k.split('.')[0] in _TRAINING_SECTIONS and k not in _EXTEND_MAY_CHANGE
+             and old is not None and new is not None}
   if changed:
-    raise ValueError(f'{workdir} was trained with ' + ', '.join(f'{k}={saved[k]!r}' for k in changed) +
+    raise ValueError(f'{workdir} was trained with ' + ', '.join(f'{k}={old!r}' for k, old in changed.items()) +
                      '; a continued run must keep them (pass the same config and overrides as its first run).')
   latest = ckpt_lib.checkpoint_step(workdir)
   if latest != last:
@@ -90,7 +84,7 @@ def train_variant(config, workdir: str, *, extend: bool = False) -> dict[str, fl
     raise ValueError(f'{workdir} holds checkpoints but no clock.json (a stopped curve run): its wall times '
                      'are lost; delete the folder to train the variant again.')
   clock = clock or {}
-  t0 = time.time() - (clock[str(max(int(s) for s in clock))] if clock else 0.0)
+  t0 = time.time() - (clock[str(_last_step(clock))] if clock else 0.0)
   # Interrupted (Ctrl-C or SIGTERM) propagates: the variants after this one must not start.
   loop.train_and_evaluate(config, workdir, on_checkpoint=lambda step: clock.__setitem__(str(step), time.time() - t0),
                           raise_on_signal=True)

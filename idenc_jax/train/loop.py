@@ -135,11 +135,8 @@ def check_resumable(config, abstract_state, step_dir, workdir: str) -> None:
   if bad is None and want_opt == got_opt:
     return
   fields = ''
-  saved = epath.Path(workdir) / 'config.json'
-  if saved.exists():
-    old = _flat(json.loads(saved.read_text()))
-    new = _flat(json.loads(config.to_json_best_effort()))
-    diff = [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+  if (epath.Path(workdir) / 'config.json').exists():
+    diff = [f'{k}: {old!r} -> {new!r}' for k, (old, new) in config_changes(config, workdir).items()]
     fields = f'; config fields changed since config.json: {", ".join(diff[:6]) or "none"}'
   if bad is not None:
     what = f'a checkpoint of another model: params{bad} is {got.get(bad)} there but {want.get(bad)} in this config'
@@ -150,6 +147,18 @@ def check_resumable(config, abstract_state, step_dir, workdir: str) -> None:
   raise ckpt_lib.IncompatibleCheckpointError(
       f'{workdir} holds {what}{fields}. Train in a new --workdir, or pass the config the checkpoint was trained '
       'with.')
+
+
+def config_changes(config, workdir: str) -> dict[str, tuple]:
+  """{field: (value in the workdir's config.json, value in `config`)} for every dotted field that differs, in
+  sorted order; None stands for a field one side lacks (values other than numbers, strings and booleans are
+  compared as strings, so a real None is 'None'). {} without a config.json."""
+  saved = epath.Path(workdir) / 'config.json'
+  if not saved.exists():
+    return {}
+  old = _flat(json.loads(saved.read_text()))
+  new = _flat(json.loads(config.to_json_best_effort()))
+  return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 
 # The batch layout's fields, and the value a config.json written before the field existed trained with.
