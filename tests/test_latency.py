@@ -40,8 +40,11 @@ def test_torch_ddim_equals_our_sampler(variant, guidance, steps):
   theirs = theirs.numpy().transpose(0, 2, 3, 1)
   assert np.abs(np.asarray(ours)).max() > 0.1   # images, not a constant
   # float32 rounding of the two models (2e-5 of their outputs), amplified by x0 = r x - rm1 eps at the noisy
-  # steps: 1e-3 is an eighth of one uint8 level (2 / 255).
-  np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-3)
+  # steps and by guidance (w eps_c - (w - 1) eps_u): a stray pixel reached 1.7e-3 at w = 3 on an AVX-512
+  # machine, so 2e-3, a quarter of one uint8 level (2 / 255), bounds every pixel and the mean stays far below.
+  diff = np.abs(theirs - np.asarray(ours))
+  np.testing.assert_allclose(theirs, np.asarray(ours), atol=2e-3)
+  assert diff.mean() < 1e-4, diff.mean()
 
 
 def test_ddim_tables_follow_the_ddim_update():
