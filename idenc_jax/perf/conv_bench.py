@@ -15,7 +15,6 @@ A shape is BxHxCinxCout (square maps, stride 1, 'SAME' padding). Prints a table 
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Callable
 
@@ -26,7 +25,7 @@ import numpy as np
 from absl import app, flags
 
 from idenc_jax import cli
-from idenc_jax.perf import levers, measure
+from idenc_jax.perf import levers, measure, torch_reference
 from idenc_jax.train import step as step_lib
 
 PIECES = ('fwd', 'dx', 'dw')
@@ -67,8 +66,7 @@ def jax_pieces(x, w, dy, options: ml_collections.ConfigDict) -> dict[str, Callab
 
 def torch_pieces(x, w, dy, threads: int | None = None) -> dict[str, Callable[[], Any]]:
   """PyTorch's forward, dx and dw of the same convolution on NCHW copies of the same arrays."""
-  import torch  # lazy: a test dependency, needed only with --reference=torch
-  torch.set_num_threads(threads or os.cpu_count() or 1)
+  torch = torch_reference.torch_with_threads(threads)
   xt = torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
   wt = torch.from_numpy(np.ascontiguousarray(np.transpose(w, (3, 2, 0, 1))))
   dyt = torch.from_numpy(np.ascontiguousarray(np.transpose(dy, (0, 3, 1, 2))))

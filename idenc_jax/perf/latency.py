@@ -16,7 +16,6 @@ images). Parameters are random (`perf.fixtures`: the cost of a step does not dep
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -71,8 +70,7 @@ class TorchPersonalizer:
 
   def __init__(self, config, params: dict, threads: int | None = None):
     torch_reference.check_supported(config)
-    torch = torch_reference._torch()
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch = torch_reference.torch_with_threads(threads)
     self.torch, self.config = torch, config
     self.models = torch_model.build(config)
     torch_model.load_flax_params(self.models, params)

@@ -27,6 +27,14 @@ def _torch():
   return torch
 
 
+def torch_with_threads(threads: int | None = None):
+  """torch with its intra-op threads set to `threads` (default: every core, as XLA:CPU uses them), so every
+  PyTorch timing beside ours runs on the same cores."""
+  torch = _torch()
+  torch.set_num_threads(threads or os.cpu_count() or 1)
+  return torch
+
+
 @dataclasses.dataclass
 class Draws:
   """One step's random numbers, as `compute_loss` draws them: t [n], noise [n, 3, R, R] (NCHW),
@@ -134,9 +142,8 @@ class TorchBench:
   def __init__(self, config, log: Callable[[str], None] = lambda s: None, params: dict | None = None,
                threads: int | None = None):
     check_supported(config)
-    torch = _torch()
+    torch = torch_with_threads(threads)
     self.torch, self.config, self.log = torch, config, log
-    torch.set_num_threads(threads or os.cpu_count() or 1)
     torch.manual_seed(config.seed)
     self.models = torch_model.build(config)
     if params is not None:
