@@ -129,10 +129,8 @@ def prepare_celeba(out: str) -> str:
 
 
 def _finished(workdir: str, steps: int) -> bool:
-  try:
-    return ckpt_lib.checkpoint_step(workdir) >= steps
-  except FileNotFoundError:
-    return False
+  step = ckpt_lib.checkpoint_step_or_none(workdir)
+  return step is not None and step >= steps
 
 
 def run_dataset(dataset: str, out: str) -> dict:

@@ -14,14 +14,6 @@ from idenc_jax.train import checkpoint as ckpt_lib
 from idenc_jax.train import loop
 
 
-def _has_checkpoint(workdir: str) -> bool:
-  try:
-    ckpt_lib.checkpoint_step(workdir)
-    return True
-  except FileNotFoundError:
-    return False
-
-
 # What a continued run may change: how long it trains and how it is recorded, nothing that shapes the weights.
 _EXTEND_MAY_CHANGE = ('train.num_steps', 'train.time_budget_minutes', 'train.checkpoint_every',
                       'train.keep_checkpoints', 'train.log_every', 'train.sample_every', 'compilation_cache_dir')
@@ -80,7 +72,7 @@ def train_variant(config, workdir: str, *, extend: bool = False) -> dict[str, fl
   clock = _read_clock(workdir)
   if clock is not None and not extend:
     return clock
-  if clock is None and _has_checkpoint(workdir):
+  if clock is None and ckpt_lib.checkpoint_step_or_none(workdir) is not None:
     raise ValueError(f'{workdir} holds checkpoints but no clock.json (a stopped curve run): its wall times '
                      'are lost; delete the folder to train the variant again.')
   clock = clock or {}

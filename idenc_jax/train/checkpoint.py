@@ -271,3 +271,11 @@ def saved_shapes(path: str, key: str = 'params') -> dict[str, tuple]:
 
 def checkpoint_step(path: str) -> int:
   return int(_resolve_step_dir(path).name)
+
+
+def checkpoint_step_or_none(path: str) -> int | None:
+  """`checkpoint_step`, or None where `path` holds no checkpoint yet."""
+  try:
+    return checkpoint_step(path)
+  except FileNotFoundError:
+    return None
