@@ -58,8 +58,18 @@ def _paper_config() -> config_dict.ConfigDict:
   m.conv_grad = 'xla'
   # Group norms: 'flax' (nn.GroupNorm, then the AdaGN modulation and SiLU as separate ops) or 'fused'
   # (one op with per-channel statistics and its own gradient that keeps no pre-SiLU activation;
-  # idenc_jax/models/ops/group_norm.py). Same parameters, same function.
-  m.group_norm = 'flax'
+  # idenc_jax/models/ops/group_norm.py). Same parameters, same function. 'auto' (below): 'fused' on a CPU.
+  m.group_norm = 'auto'
+  # 3x3 convolutions on maps of at most 4x4 pixels: 'xla' (XLA's own) or 'matmul' (one matmul over the nine
+  # taps; XLA:CPU's own ran 14x slower on 2x2 maps). Same function, different schedule.
+  # Per-channel sums over a map (the fused norm's statistics and gradients, every convolution's bias
+  # gradient): 'reduce' (XLA's reductions) or 'matmul' (ones @ rows; XLA:CPU's column reductions ran
+  # 2-12x slower at 32+ channels; idenc_jax/models/ops/channel_sums.py). Same sums, another order.
+  # 'auto' (here and for group_norm): the CPU's fast form where jax's default backend is the CPU, XLA's own
+  # ('flax' / 'xla' / 'reduce') elsewhere. With the fused norm, the two matmul forms made the base model's
+  # CPU train step 1.49x faster (docs/performance.md).
+  m.small_conv = 'auto'
+  m.channel_sums = 'auto'
 
   # ---- Identity encoder Enc (paper appendix A). ----------------------------------------------------------
   c.encoder = e = config_dict.ConfigDict()
@@ -252,6 +262,10 @@ def _apply_cpu(c):
   # XLA's default compiler options: this model's figures were measured with them, and turning YNNPACK off
   # measured 1.02x here (inside the noise; docs/performance.md), not worth new trajectories.
   c.train.compiler_options = ''
+  # XLA's own small convolutions and reductions for the same reason: the matmul forms measured 0.98x on this
+  # model (its 16-32 channels are too few for XLA:CPU's slow column reductions to matter).
+  c.model.small_conv = 'xla'
+  c.model.channel_sums = 'reduce'
   # An agnostic quarter: the agnostic loss weighs only a2 = 0.01, and a quarter instead of the paper's half
   # raised oracle top-1 on all four seeds measured (docs/training.md).
   c.data.agnostic_fraction = 0.25

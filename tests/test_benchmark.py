@@ -93,11 +93,14 @@ def test_variant_levers():
   config = levers.variant_config(cpu, 'bf16+remat+b64')
   assert (config.model.dtype, config.model.remat, config.train.batch_size) == ('bfloat16', True, 64)
   assert (cpu.model.dtype, cpu.train.batch_size) == ('float32', 16)   # a copy: the given config is kept
-  # Unnamed levers keep the config's value: the cpu model's fused norm, the paper model's flax one.
+  # Unnamed levers keep the config's value: the cpu model's fused norm, the paper model's 'auto' one.
   assert config.model.group_norm == 'fused'
   assert levers.variant_config(cpu, 'fp32+gnflax').model.group_norm == 'flax'
   paper = cli.load_config_file('configs/base.py:paper')
-  assert levers.variant_config(paper, 'bf16').model.group_norm == 'flax'
+  assert levers.variant_config(paper, 'bf16').model.group_norm == 'auto'
+  assert levers.variant_config(paper, 'mmsums+mmsmall').model.channel_sums == 'matmul'
+  assert levers.variant_config(paper, 'mmsums+mmsmall').model.small_conv == 'matmul'
+  assert levers.variant_config(paper, 'reducesums+xlasmall').model.small_conv == 'xla'
   assert levers.variant_config(cpu, 'fp32+train.learning_rate=1e-4').train.learning_rate == 1e-4
   assert levers.variant_config(paper, 'bf16+flat').train.flat_update is True
   assert levers.variant_config(cpu, 'perarray').train.flat_update is False

@@ -8,6 +8,7 @@ numpy float64 formulas (the fused norm's gradient against float64 central differ
 
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -17,6 +18,7 @@ import pytest
 from idenc_jax import cli, models
 from idenc_jax.models import layers
 from idenc_jax.models.ops import attention as attention_ops
+from idenc_jax.models.ops import channel_sums as channel_sum_ops
 from idenc_jax.models.ops import conv as conv_ops
 from idenc_jax.models.ops import group_norm as norm_ops
 from idenc_jax.perf import fixtures, levers
@@ -29,7 +31,7 @@ FAST_COMPILE = {'xla_backend_optimization_level': 0}
 
 # Every lever off: the reference each lever is compared with (the cpu configs default to the fused norm).
 PLAIN = {'model.dtype': 'float32', 'model.remat': False, 'model.attention': 'xla', 'model.conv_grad': 'xla',
-         'model.group_norm': 'flax'}
+         'model.group_norm': 'flax', 'model.small_conv': 'xla', 'model.channel_sums': 'reduce'}
 
 
 def tiny(**overrides):
@@ -59,11 +61,12 @@ def _assert_model_close(reference, overrides, tol_loss, tol_grad):
 
 
 def test_float32_levers_keep_the_model_loss_and_gradients(reference):
-  """remat + fused attention + matmul kernel gradients + fused group norm: the same float32 function,
-  up to the order of summation (each lever alone is checked per block below; one compile here keeps the
-  suite fast)."""
+  """remat + fused attention + matmul kernel gradients + fused group norm + matmul channel sums + matmul
+  small-map convolutions (the tiny encoder's 4x4 level): the same float32 function, up to the order of
+  summation (each lever alone is checked per block below; one compile here keeps the suite fast)."""
   _assert_model_close(reference, {'model.remat': True, 'model.attention': 'fused',
-                                  'model.conv_grad': 'matmul', 'model.group_norm': 'fused'}, 1e-5, 1e-4)
+                                  'model.conv_grad': 'matmul', 'model.group_norm': 'fused',
+                                  'model.channel_sums': 'matmul', 'model.small_conv': 'matmul'}, 1e-5, 1e-4)
 
 
 def test_bfloat16_keeps_the_model_loss_and_gradients(reference):
@@ -80,9 +83,9 @@ def _block_output_and_grads(module, params, *inputs):
   return np.asarray(y, np.float64), flat(grads)
 
 
-def _block_inputs(kind):
+def _block_inputs(kind, size=8):
   rng = np.random.default_rng(2)
-  x = jnp.asarray(rng.standard_normal((2, 8, 8, 16)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((2, size, size, 16)), jnp.float32)
   if kind == 'res':
     return x, jnp.asarray(rng.standard_normal((2, 32)), jnp.float32), jnp.asarray(
         rng.standard_normal((2, 8)), jnp.float32)
@@ -91,28 +94,34 @@ def _block_inputs(kind):
 
 def _block(kind, **levers):
   if kind == 'res':
-    conv_grad, group_norm = levers.pop('conv_grad', 'xla'), levers.pop('group_norm', 'flax')
     cls = layers.block_cls(layers.ResBlock, levers.pop('remat', False))
-    return cls(24, num_groups=4, dtype=levers.pop('dtype', jnp.float32), conv_grad=conv_grad,
-               group_norm=group_norm)
+    return cls(24, num_groups=4, dtype=levers.pop('dtype', jnp.float32), conv_grad=levers.pop('conv_grad', 'xla'),
+               group_norm=levers.pop('group_norm', 'flax'), small_conv=levers.pop('small_conv', 'xla'),
+               channel_sums=levers.pop('channel_sums', 'reduce'))
   cls = layers.block_cls(layers.AttentionBlock, levers.pop('remat', False))
   return cls(num_heads=2, attention=levers.pop('attention', 'xla'), dtype=levers.pop('dtype', jnp.float32))
 
 
-@pytest.mark.parametrize('kind, levers, tol', [
-    ('res', {'remat': True}, 1e-5),
-    ('attn', {'remat': True}, 1e-5),
-    ('attn', {'attention': 'fused'}, 1e-5),
-    ('res', {'conv_grad': 'matmul'}, 1e-5),
-    ('res', {'group_norm': 'fused'}, 1e-5),
-    ('res', {'dtype': jnp.bfloat16}, 3e-2),
-    ('res', {'dtype': jnp.bfloat16, 'group_norm': 'fused'}, 3e-2),
-    ('attn', {'dtype': jnp.bfloat16}, 3e-2),
-], ids=['remat_res', 'remat_attn', 'fused_attn', 'matmul_grad_res', 'fused_norm_res', 'bf16_res',
-        'bf16_fused_norm_res', 'bf16_attn'])
-def test_each_lever_keeps_a_block(kind, levers, tol):
+@pytest.mark.parametrize('kind, levers, tol, size', [
+    ('res', {'remat': True}, 1e-5, 8),
+    ('attn', {'remat': True}, 1e-5, 8),
+    ('attn', {'attention': 'fused'}, 1e-5, 8),
+    ('res', {'conv_grad': 'matmul'}, 1e-5, 8),
+    ('res', {'group_norm': 'fused'}, 1e-5, 8),
+    ('res', {'channel_sums': 'matmul'}, 1e-5, 8),
+    ('res', {'channel_sums': 'matmul', 'group_norm': 'fused'}, 1e-5, 8),
+    ('res', {'small_conv': 'matmul'}, 1e-5, 4),
+    ('res', {'dtype': jnp.bfloat16}, 3e-2, 8),
+    ('res', {'dtype': jnp.bfloat16, 'group_norm': 'fused'}, 3e-2, 8),
+    ('res', {'dtype': jnp.bfloat16, 'group_norm': 'fused', 'channel_sums': 'matmul', 'small_conv': 'matmul'},
+     3e-2, 4),
+    ('attn', {'dtype': jnp.bfloat16}, 3e-2, 8),
+], ids=['remat_res', 'remat_attn', 'fused_attn', 'matmul_grad_res', 'fused_norm_res', 'matmul_sums_res',
+        'matmul_sums_fused_norm_res', 'matmul_small_conv_res', 'bf16_res', 'bf16_fused_norm_res',
+        'bf16_cpu_forms_res', 'bf16_attn'])
+def test_each_lever_keeps_a_block(kind, levers, tol, size):
   """Per lever and block: same parameters; output and all gradients against the plain float32 block."""
-  inputs = _block_inputs(kind)
+  inputs = _block_inputs(kind, size)
   plain = _block(kind)
   shapes = jax.eval_shape(plain.init, jax.random.key(0), *inputs)
   # Random non-zero parameters everywhere (a fresh block's zero output layers would hide the branch).
@@ -255,6 +264,108 @@ def test_matmul_grad_lever_reaches_every_convolution():
   jaxpr = str(jax.make_jaxpr(lambda p: block.apply(p, *inputs))(params))
   assert jaxpr.count('custom_vjp_call') == 3, jaxpr.count('custom_vjp_call')
   assert 'custom_vjp_call' not in str(jax.make_jaxpr(lambda p: _block('res').apply(p, *inputs))(params))
+
+
+def test_matmul_sums_reach_every_convolution_bias():
+  """model.channel_sums='matmul' routes the bias gradient of conv_0, conv_1 and the 1x1 skip through the
+  matmul sum (3 custom gradients with the plain norm), and the default adds biases as nn.Conv does."""
+  inputs = _block_inputs('res')
+  block = _block('res', channel_sums='matmul')
+  params = fixtures.random_params(jax.eval_shape(block.init, jax.random.key(0), *inputs))
+  assert str(jax.make_jaxpr(lambda p: block.apply(p, *inputs))(params)).count('custom_vjp_call') == 3
+
+
+# ---- Per-channel sums, the Conv module and small-map convolutions against numpy. ---------------------
+@pytest.mark.parametrize('impl', channel_sum_ops.IMPLS)
+def test_channel_sums_match_numpy(impl):
+  rng = np.random.default_rng(5)
+  v = rng.standard_normal((3, 5, 4, 7))
+  got = channel_sum_ops.map_sums(jnp.asarray(v, jnp.float32), impl)
+  np.testing.assert_allclose(np.asarray(got, np.float64), v.sum(axis=(1, 2)), rtol=1e-5, atol=1e-5)
+  got = channel_sum_ops.all_sums(jnp.asarray(v, jnp.float32), impl)
+  np.testing.assert_allclose(np.asarray(got, np.float64), v.sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
+  got16 = channel_sum_ops.map_sums(jnp.asarray(v, jnp.bfloat16), impl)
+  assert got16.dtype == jnp.bfloat16   # summed in float32, returned in the input's dtype
+  np.testing.assert_allclose(np.asarray(got16, np.float64), v.sum(axis=(1, 2)), rtol=2e-2, atol=5e-2)
+  # The bias add: y + b, its gradients the cotangent (y) and the cotangent's per-channel sums (b).
+  y, b, cot = v, rng.standard_normal(7), rng.standard_normal(v.shape)
+  out, vjp = jax.vjp(lambda y, b: channel_sum_ops.add_channel_bias(y, b, impl),
+                     jnp.asarray(y, jnp.float32), jnp.asarray(b, jnp.float32))
+  np.testing.assert_allclose(np.asarray(out, np.float64), y + b, rtol=1e-6, atol=1e-6)
+  dy, db = vjp(jnp.asarray(cot, jnp.float32))
+  np.testing.assert_allclose(np.asarray(dy, np.float64), cot, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(db, np.float64), cot.sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_sums_are_matmuls_and_unknown_forms_are_refused():
+  v = jnp.ones((2, 3, 3, 4))
+  jaxpr = str(jax.make_jaxpr(lambda v: channel_sum_ops.map_sums(v, 'matmul'))(v))
+  assert 'dot_general' in jaxpr and 'reduce_sum' not in jaxpr
+  assert 'reduce_sum' in str(jax.make_jaxpr(lambda v: channel_sum_ops.map_sums(v, 'reduce'))(v))
+  with pytest.raises(ValueError, match='model.channel_sums'):
+    channel_sum_ops.map_sums(v, 'einsum')
+  with pytest.raises(ValueError, match='model.small_conv'):
+    conv_ops.Conv(4, small_conv='im2col').init(jax.random.key(0), v)
+
+
+@pytest.mark.parametrize('kernel', [3, 1])
+def test_conv_module_is_nn_conv_by_default(kernel):
+  """With its levers at XLA's forms the Conv module is nn.Conv: the same parameters from the same key, and
+  bit-identical outputs and gradients (so configs that keep the defaults keep their trajectories)."""
+  x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 6, 6, 5)), jnp.float32)
+  ours = conv_ops.Conv(8, kernel)
+  theirs = nn.Conv(8, (kernel, kernel), padding=1 if kernel == 3 else 'SAME')
+  params = ours.init(jax.random.key(3), x)
+  assert jax.tree.all(jax.tree.map(np.array_equal, params, theirs.init(jax.random.key(3), x)))
+  params = fixtures.random_params(jax.eval_shape(ours.init, jax.random.key(0), x), seed=4)
+  for module in (ours, theirs):
+    out, grads = jax.jit(jax.value_and_grad(lambda p, x, m=module: jnp.sum(jnp.sin(m.apply(p, x))),
+                                            argnums=(0, 1)))(params, x)
+    if module is ours:
+      want = (out, grads)
+  assert np.array_equal(want[0], out)
+  assert jax.tree.all(jax.tree.map(np.array_equal, want[1], grads))
+
+
+def test_im2col_conv_matches_numpy():
+  """The small-map convolution and its two gradients against the shifted sums written out in numpy."""
+  rng = np.random.default_rng(7)
+  x, w = rng.standard_normal((2, 3, 3, 5)), rng.standard_normal((3, 3, 5, 4))
+  cot = rng.standard_normal((2, 3, 3, 4))
+  out, vjp = jax.vjp(conv_ops.im2col_conv, jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+  np.testing.assert_allclose(np.asarray(out, np.float64), _numpy_same_conv(x, w), rtol=1e-5, atol=1e-5)
+  dx, dw = vjp(jnp.asarray(cot, jnp.float32))
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  want_dw = np.stack([np.einsum('bhwi,bhwo->io', xp[:, i:i + 3, j:j + 3], cot) for i in range(3) for j in range(3)])
+  dxp = np.zeros_like(xp)
+  for i in range(3):
+    for j in range(3):
+      dxp[:, i:i + 3, j:j + 3] += np.einsum('bhwo,io->bhwi', cot, w[i, j])
+  np.testing.assert_allclose(np.asarray(dw, np.float64), want_dw.reshape(w.shape), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dx, np.float64), dxp[:, 1:-1, 1:-1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('size, small_conv, im2col', [(4, 'matmul', True), (8, 'matmul', False), (4, 'xla', False)])
+def test_small_conv_takes_the_matmul_form_only_on_small_maps(size, small_conv, im2col):
+  x = jnp.zeros((1, size, size, 3))
+  conv = conv_ops.Conv(4, small_conv=small_conv)
+  params = conv.init(jax.random.key(0), x)
+  assert ('conv_general_dilated' not in str(jax.make_jaxpr(conv.apply)(params, x))) == im2col
+
+
+def test_auto_takes_the_cpu_forms_on_a_cpu_only(monkeypatch):
+  """The paper configs' 'auto' norm, sums and small convolutions: the fast forms on a CPU, XLA's own on an
+  accelerator; the cpu configs name XLA's own everywhere (their figures were measured so)."""
+  paper = cli.load_config_file('configs/base.py').model
+  cpu = cli.load_config_file('configs/base.py:cpu').model
+  cpu_forms = {'conv_grad': 'xla', 'group_norm': 'fused', 'small_conv': 'matmul', 'channel_sums': 'matmul'}
+  xla_forms = {'conv_grad': 'xla', 'group_norm': 'flax', 'small_conv': 'xla', 'channel_sums': 'reduce'}
+  assert jax.default_backend() == 'cpu'
+  assert models.op_choices(paper) == cpu_forms
+  assert models.op_choices(cpu) == {**xla_forms, 'group_norm': 'fused'}
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert models.op_choices(paper) == xla_forms
+  assert models.build_generator(cli.load_config_file('configs/base.py')).channel_sums == 'reduce'
 
 
 # ---- The fused group norm against float64 numpy. ----------------------------------------------------

@@ -31,6 +31,8 @@ class ConvTrunk(nn.Module):
   dtype: Any = jnp.float32
   conv_grad: str = 'xla'
   group_norm: str = 'flax'
+  small_conv: str = 'xla'
+  channel_sums: str = 'reduce'
 
   @nn.compact
   def __call__(self, x):
@@ -38,9 +40,11 @@ class ConvTrunk(nn.Module):
     Res = layers.block_cls(layers.ResBlock, self.remat)
     Attn = layers.block_cls(layers.AttentionBlock, self.remat)
     attn = lambda h, name: Attn(self.num_heads, self.mlp_ratio, 0.0, self.attention, dt, name=name)(h)
-    res = lambda h, ch, name, resample='none': Res(ch, self.num_groups, 0.0, resample, dt, conv_grad=self.conv_grad,
-                                                   group_norm=self.group_norm, name=name)(h)
-    h = layers.conv3x3(self.base_channels, dt, 'conv_in', conv_grad=self.conv_grad)(x.astype(dt))
+    res = lambda h, ch, name, resample='none': Res(
+        ch, self.num_groups, 0.0, resample, dt, conv_grad=self.conv_grad, group_norm=self.group_norm,
+        small_conv=self.small_conv, channel_sums=self.channel_sums, name=name)(h)
+    h = layers.conv3x3(self.base_channels, dt, 'conv_in', conv_grad=self.conv_grad, small_conv=self.small_conv,
+                       channel_sums=self.channel_sums)(x.astype(dt))
     cur = x.shape[1]
     for level, mult in enumerate(self.channel_mult):
       for i in range(self.num_res_blocks):
@@ -63,7 +67,7 @@ class _TrunkEncoder(ConvTrunk):
 
   def _features(self, x):
     h = ConvTrunk(**{f: getattr(self, f) for f in _TRUNK_FIELDS}, name='trunk')(x)
-    return layers.norm_silu(self.group_norm, self.num_groups, self.dtype, 'norm_out')(h)
+    return layers.norm_silu(self.group_norm, self.num_groups, self.dtype, 'norm_out', self.channel_sums)(h)
 
 
 class IdentityEncoder(_TrunkEncoder):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from idenc_jax.models.ops.attention import dot_product_attention
-from idenc_jax.models.ops.conv import conv3x3, conv_impl
+from idenc_jax.models.ops.conv import Conv, conv3x3  # noqa: F401 (conv3x3: the networks take it from here)
 from idenc_jax.models.ops.group_norm import FusedGroupNormSiLU, group_norm, norm_silu
 
 Dtype = Any
@@ -76,14 +76,19 @@ class ResBlock(nn.Module):
   deterministic: bool = True   # False enables dropout (training)
   conv_grad: str = 'xla'       # see `conv_impl`
   group_norm: str = 'flax'     # see `norm_silu`
+  small_conv: str = 'xla'      # see `Conv`
+  channel_sums: str = 'reduce' # see `channel_sums`
 
   @nn.compact
   def __call__(self, x, emb=None, cond=None, cond_keep=None):
     c_out = self.out_channels
-    h = norm_silu(self.group_norm, self.num_groups, self.dtype, 'norm_0')(x)
+    conv = lambda features, name, k=3, zero=False: Conv(
+        features, k, self.dtype, zeros_init if zero else nn.initializers.lecun_normal(), self.conv_grad,
+        self.small_conv, self.channel_sums, name=name)
+    h = norm_silu(self.group_norm, self.num_groups, self.dtype, 'norm_0', self.channel_sums)(x)
     h = _resample(h, self.resample)
     x = _resample(x, self.resample)
-    h = conv3x3(c_out, self.dtype, 'conv_0', conv_grad=self.conv_grad)(h)
+    h = conv(c_out, 'conv_0')(h)
 
     scale = shift = cond_scale = None
     if emb is not None:
@@ -102,7 +107,7 @@ class ResBlock(nn.Module):
       if cond is not None:
         mult = 1 + cond_scale if mult is None else mult * (1 + cond_scale)
         add = None if add is None else add * (1 + cond_scale)
-      h = FusedGroupNormSiLU(self.num_groups, name='norm_1')(h, mult, add)
+      h = FusedGroupNormSiLU(self.num_groups, channel_sums=self.channel_sums, name='norm_1')(h, mult, add)
     else:
       h = group_norm(self.num_groups, self.dtype, 'norm_1')(h)
       if emb is not None:
@@ -111,10 +116,10 @@ class ResBlock(nn.Module):
         h = h * (1 + cond_scale[:, None, None, :])
       h = nn.silu(h)
     h = nn.Dropout(self.dropout, deterministic=self.deterministic)(h)
-    h = conv3x3(c_out, self.dtype, 'conv_1', zero=True, conv_grad=self.conv_grad)(h)
+    h = conv(c_out, 'conv_1', zero=True)(h)
 
     if x.shape[-1] != c_out:
-      x = nn.Conv(c_out, (1, 1), dtype=self.dtype, name='skip', **conv_impl(self.conv_grad))(x)
+      x = conv(c_out, 'skip', k=1)(x)
     return x + h
 
 

@@ -13,6 +13,7 @@ Stage 2 adds cross-attention blocks at `cross_attn_resolutions` (after each bloc
 through which the features attend to condition tokens; their outputs start at zero.
 """
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -38,6 +39,8 @@ class UNet(nn.Module):
   remat: bool = False
   conv_grad: str = 'xla'
   group_norm: str = 'flax'
+  small_conv: str = 'xla'
+  channel_sums: str = 'reduce'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -68,7 +71,8 @@ class UNet(nn.Module):
 
     def res(h, ch, name, resample='none'):
       return Res(ch, self.num_groups, self.dropout, resample, dt, det, conv_grad=self.conv_grad,
-                 group_norm=self.group_norm, name=name)(h, emb, cond, cond_keep)
+                 group_norm=self.group_norm, small_conv=self.small_conv, channel_sums=self.channel_sums,
+                 name=name)(h, emb, cond, cond_keep)
 
     def attn(h, name, ctx=None):
       return Attn(self.num_heads, self.mlp_ratio, self.dropout, self.attention, dt, det, name=name)(h, ctx)
@@ -80,7 +84,9 @@ class UNet(nn.Module):
         h = attn(h, f'{name}_xattn', context)
       return h
 
-    h = layers.conv3x3(self.base_channels, dt, 'conv_in', conv_grad=self.conv_grad)(x.astype(dt))
+    conv = functools.partial(layers.conv3x3, dtype=dt, conv_grad=self.conv_grad, small_conv=self.small_conv,
+                             channel_sums=self.channel_sums)
+    h = conv(self.base_channels, name='conv_in')(x.astype(dt))
     skips = [h]
     cur = self.resolution
     levels = len(self.channel_mult)
@@ -111,6 +117,6 @@ class UNet(nn.Module):
         cur *= 2
     assert not skips and cur == self.resolution
 
-    h = layers.norm_silu(self.group_norm, self.num_groups, dt, 'norm_out')(h)
-    out = layers.conv3x3(self.out_channels, dt, 'conv_out', zero=True, conv_grad=self.conv_grad)(h)
+    h = layers.norm_silu(self.group_norm, self.num_groups, dt, 'norm_out', self.channel_sums)(h)
+    out = conv(self.out_channels, name='conv_out', zero=True)(h)
     return out.astype(jnp.float32)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from idenc_jax import cli
+from idenc_jax import cli, models
 from idenc_jax.perf import fixtures, measure, op_profile
 from idenc_jax.train import state as state_lib
 from idenc_jax.train import step as step_lib
@@ -70,7 +70,7 @@ class TrainBench:
     self.record: dict[str, Any] = {
         'device': measure.device_name(), 'host': measure.host_info(), 'batch_size': b,
         'dtype': config.model.dtype, 'remat': bool(config.model.remat), 'attention': config.model.attention,
-        'conv_grad': config.model.conv_grad, 'group_norm': config.model.group_norm,
+        **models.op_choices(config.model),
         'prefetch': int(config.data.prefetch)}
     self.host_batches = [fixtures.synthetic_batch(config, seed) for seed in range(3)]
     t0 = time.perf_counter()

@@ -3,6 +3,8 @@
 A lever names config fields and their values: fp32 | bf16 (model.dtype), remat / noremat (model.remat),
 fused / xla (model.attention), mmgrad / mmgradwide (model.conv_grad='matmul' / 'matmul_wide'),
 gnfused / gnflax (model.group_norm),
+mmsums / reducesums (model.channel_sums: per-channel sums over maps as matmuls / XLA's reductions),
+mmsmall / xlasmall (model.small_conv: 3x3 convolutions on maps of at most 4x4 as one matmul / XLA's own),
 flat / perarray (train.flat_update: the optimizer, EMA and guard on one flat vector or array by array),
 ynnconv / xnnconv / onednnconv (XLA:CPU's YNNPACK / XNNPACK / oneDNN convolutions, train.compiler_options),
 ynnoff / ynnon (no YNNPACK fusions at all, the paper configs' default / XLA:CPU's own defaults, which hand the
@@ -31,6 +33,10 @@ LEVERS = {
     'mmgradwide': {'model.conv_grad': 'matmul_wide'},
     'gnfused': {'model.group_norm': 'fused'},
     'gnflax': {'model.group_norm': 'flax'},
+    'mmsums': {'model.channel_sums': 'matmul'},
+    'reducesums': {'model.channel_sums': 'reduce'},
+    'mmsmall': {'model.small_conv': 'matmul'},
+    'xlasmall': {'model.small_conv': 'xla'},
     'flat': {'train.flat_update': True},
     'perarray': {'train.flat_update': False},
     # XLA:CPU's library fusions for convolutions (train.compiler_options; a variant takes one of them).

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from idenc_jax.models.ops.channel_sums import map_sums
+
 
 def group_norm(num_groups, dtype, name):
   # Stats are accumulated in float32 inside flax's GroupNorm even for bf16 inputs.
@@ -17,7 +19,8 @@ def group_norm(num_groups, dtype, name):
 # ---- Fused group norm: GroupNorm, per-sample channel modulation and SiLU as one op with its own VJP. ----
 # silu((GN(x) * scale + bias) * mult + add) for NHWC x and [B, C] mult/add, the pattern every norm of
 # the ResBlock and the networks' outputs follows. Statistics are per-channel sums over H, W (plain
-# reductions over the non-minor axes of NHWC, no 5-D group reshape of x) folded into groups on [B, C];
+# reductions over the non-minor axes of NHWC, no 5-D group reshape of x; `model.channel_sums` says how
+# they are summed) folded into groups on [B, C];
 # the whole affine part folds into one per-channel multiply-add. The VJP keeps only x and [B, C]
 # vectors: autodiff would also store the pre-SiLU activation (a full-size write in the forward pass and
 # a read in the backward), and recomputing it from x is one fused multiply-add.
@@ -28,13 +31,13 @@ def _group_sums(v, groups):
   return jnp.repeat(v.reshape(b, groups, c // groups).sum(-1), c // groups, axis=1)
 
 
-def _fused_norm_coefficients(x, scale, bias, mult, add, groups, eps):
+def _fused_norm_coefficients(x, scale, bias, mult, add, groups, eps, sums):
   """Per-(sample, channel) float32 vectors: mean, 1/std, and y = x * a + b's a and b."""
   h, w, c = x.shape[1:]
   n = h * w * (c // groups)
   xf = x.astype(jnp.float32)
-  mean = _group_sums(jnp.sum(xf, axis=(1, 2)), groups) / n
-  mean_sq = _group_sums(jnp.sum(jnp.square(xf), axis=(1, 2)), groups) / n
+  mean = _group_sums(map_sums(xf, sums), groups) / n
+  mean_sq = _group_sums(map_sums(jnp.square(xf), sums), groups) / n
   inv = lax.rsqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0) + eps)
   gamma = scale.astype(jnp.float32) * mult.astype(jnp.float32)           # [B, C]
   beta = bias.astype(jnp.float32) * mult.astype(jnp.float32) + add.astype(jnp.float32)
@@ -46,22 +49,23 @@ def _expand(v):
   return v[:, None, None, :]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def fused_group_norm_silu(x, scale, bias, mult, add, groups: int, eps: float = 1e-5):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def fused_group_norm_silu(x, scale, bias, mult, add, groups: int, eps: float = 1e-5, sums: str = 'reduce'):
   """silu((GroupNorm(x) * scale + bias) * mult + add), in x's dtype, statistics in float32.
 
-  x: [B, H, W, C]; scale, bias: [C]; mult, add: [B, C] (ones / zeros for a plain GroupNorm + SiLU).
+  x: [B, H, W, C]; scale, bias: [C]; mult, add: [B, C] (ones / zeros for a plain GroupNorm + SiLU); sums:
+  'reduce' or 'matmul', how the per-channel sums are taken (`channel_sums.map_sums`).
   """
-  return _fused_norm_fwd(x, scale, bias, mult, add, groups, eps)[0]
+  return _fused_norm_fwd(x, scale, bias, mult, add, groups, eps, sums)[0]
 
 
-def _fused_norm_fwd(x, scale, bias, mult, add, groups, eps):
-  mean, inv, gamma, a, b = _fused_norm_coefficients(x, scale, bias, mult, add, groups, eps)
+def _fused_norm_fwd(x, scale, bias, mult, add, groups, eps, sums):
+  mean, inv, gamma, a, b = _fused_norm_coefficients(x, scale, bias, mult, add, groups, eps, sums)
   out = nn.silu(x.astype(jnp.float32) * _expand(a) + _expand(b)).astype(x.dtype)
   return out, (x, scale, bias, mult, add, mean, inv, gamma, a, b)
 
 
-def _fused_norm_bwd(groups, eps, res, dout):
+def _fused_norm_bwd(groups, eps, sums, res, dout):
   del eps
   x, scale, bias, mult, add, mean, inv, gamma, a, b = res
   h, w, c = x.shape[1:]
@@ -71,8 +75,8 @@ def _fused_norm_bwd(groups, eps, res, dout):
   sig = jax.nn.sigmoid(y)
   dy = dout.astype(jnp.float32) * sig * (1 + y * (1 - sig))      # through SiLU
   xhat = (xf - _expand(mean)) * _expand(inv)
-  d_beta = jnp.sum(dy, axis=(1, 2))                               # [B, C]: d(per-sample bias)
-  d_gamma = jnp.sum(dy * xhat, axis=(1, 2))                       # [B, C]: d(per-sample scale)
+  d_beta = map_sums(dy, sums)                                     # [B, C]: d(per-sample bias)
+  d_gamma = map_sums(dy * xhat, sums)                             # [B, C]: d(per-sample scale)
   # GroupNorm's input gradient: inv * (g - mean_group(g) - xhat * mean_group(g * xhat)), g = dy * gamma.
   k1 = _group_sums(gamma * d_beta, groups) / n
   k2 = _group_sums(gamma * d_gamma, groups) / n
@@ -93,6 +97,7 @@ class FusedGroupNormSiLU(nn.Module):
   the `model.group_norm` lever leaves parameter trees and checkpoints interchangeable."""
   num_groups: int
   epsilon: float = 1e-5
+  channel_sums: str = 'reduce'
 
   @nn.compact
   def __call__(self, x, mult=None, add=None):
@@ -103,13 +108,13 @@ class FusedGroupNormSiLU(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     mult = jnp.ones((b, c), x.dtype) if mult is None else mult
     add = jnp.zeros((b, c), x.dtype) if add is None else add
-    return fused_group_norm_silu(x, scale, bias, mult, add, self.num_groups, self.epsilon)
+    return fused_group_norm_silu(x, scale, bias, mult, add, self.num_groups, self.epsilon, self.channel_sums)
 
 
-def norm_silu(impl: str, num_groups: int, dtype, name: str):
+def norm_silu(impl: str, num_groups: int, dtype, name: str, channel_sums: str = 'reduce'):
   """x -> silu(GroupNorm(x)) by `model.group_norm` ('flax' or 'fused'); same parameters either way."""
   if impl == 'fused':
-    return FusedGroupNormSiLU(num_groups, name=name)
+    return FusedGroupNormSiLU(num_groups, channel_sums=channel_sums, name=name)
   if impl != 'flax':
     raise ValueError(f"model.group_norm must be 'flax' or 'fused', got {impl!r}")
   norm = group_norm(num_groups, dtype, name)
