@@ -82,8 +82,11 @@ def test_attention_block_against_xla():
 
 @pytest.mark.parametrize('variant,compile', [('tiny', False), ('cpu', False), ('paper', True)])
 def test_analytic_count_matches_xla(variant, compile):
-  """The paper model goes through abstract shapes only; its compile takes ~10 s."""
+  """The paper model goes through abstract shapes only; its compile takes ~10 s. Its convolutions are XLA's
+  own here: on a CPU its config's 'auto' takes the im2col form on maps of 4x4 and less, which also multiplies
+  the zero padding's taps (1.3% more on the encoder), arithmetic the analytic count leaves out by design."""
   config = get_config(variant)
+  config.model.small_conv = 'xla'
   xla_gen, xla_enc = _xla_model_flops(config, compile=compile)
   assert abs(flops.generator_flops(config) / xla_gen - 1) < 0.02
   assert abs(flops.encoder_flops(config) / xla_enc - 1) < 0.02
