@@ -67,7 +67,7 @@ def _paper_config() -> config_dict.ConfigDict:
   # 2-12x slower at 32+ channels; idenc_jax/models/ops/channel_sums.py). Same sums, another order.
   # 'auto' (here and for group_norm): the CPU's fast form where jax's default backend is the CPU, XLA's own
   # ('flax' / 'xla' / 'reduce') elsewhere. With the fused norm, the two matmul forms made the base model's
-  # CPU train step 1.49x faster (docs/performance.md).
+  # CPU train step 1.29x faster (like for like, tcmalloc on both sides; docs/performance.md).
   m.small_conv = 'auto'
   m.channel_sums = 'auto'
 

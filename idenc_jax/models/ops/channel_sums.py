@@ -17,7 +17,7 @@ IMPLS = ('reduce', 'matmul')
 
 def check_impl(impl: str) -> str:
   if impl not in IMPLS:
-    raise ValueError(f'model.channel_sums must be one of {IMPLS}, got {impl!r}')
+    raise ValueError(f"model.channel_sums must be one of {IMPLS} (or 'auto' in a config), got {impl!r}")
   return impl
 
 

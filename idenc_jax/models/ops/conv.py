@@ -130,7 +130,8 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x):
     if self.small_conv not in SMALL_CONV_IMPLS:
-      raise ValueError(f'model.small_conv must be one of {SMALL_CONV_IMPLS}, got {self.small_conv!r}')
+      raise ValueError(f"model.small_conv must be one of {SMALL_CONV_IMPLS} (or 'auto' in a config), "
+                       f'got {self.small_conv!r}')
     k = self.kernel_size
     kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)

@@ -116,6 +116,6 @@ def norm_silu(impl: str, num_groups: int, dtype, name: str, channel_sums: str = 
   if impl == 'fused':
     return FusedGroupNormSiLU(num_groups, channel_sums=channel_sums, name=name)
   if impl != 'flax':
-    raise ValueError(f"model.group_norm must be 'flax' or 'fused', got {impl!r}")
+    raise ValueError(f"model.group_norm must be 'flax' or 'fused' (or 'auto' in a config), got {impl!r}")
   norm = group_norm(num_groups, dtype, name)
   return lambda x: nn.silu(norm(x))
