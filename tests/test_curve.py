@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from idenc_jax.experiments import curve
+from idenc_jax.experiments import curve, timed_run
 from idenc_jax.train import checkpoint as ckpt_lib
 
 from test_personalize import shrink  # noqa: E402
@@ -173,11 +173,61 @@ def test_extend_continues_a_finished_run_and_times_it_from_where_it_stopped(tmp_
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
   assert straight['curves']['a'][0]['oracle_id_accuracy'] == pytest.approx(points[1]['oracle_id_accuracy'])
-  # Checkpoints that end past the clock's last step (an extension stopped before writing its clock): refused.
+  # Checkpoints that end past every clock's last step (an extension stopped with no clock of them): refused.
   json.dump({'2': clock['2']}, open(tmp_path / 'a' / 'clock.json', 'w'))
   with pytest.raises(ValueError, match='checkpoints ends at step 4 but its clock.json at step 2'):
     curve.run_curves(config, str(tmp_path), [('a', {})], minutes=10, eval_every=2, weights=[1.0], max_steps=6,
                      extend=True)
+
+
+def test_a_stopped_run_resumes_from_its_last_checkpoint_and_its_clock(tmp_path, monkeypatch):
+  """A run stopped after a checkpoint (Ctrl-C) goes on from it: the clock follows on from that checkpoint's
+  recorded time and the budget is what was left of it; a stopped run whose budget was spent is finished."""
+  config = base.get_config('tiny')
+  shrink(config)
+  config.eval.steps = 2
+  real = timed_run.loop.train_and_evaluate
+
+  def stop_after_first_checkpoint(config, workdir, *, on_checkpoint, **kwargs):
+    def record_then_stop(step):
+      on_checkpoint(step)
+      raise KeyboardInterrupt
+    return real(config, workdir, on_checkpoint=record_then_stop, **kwargs)
+
+  for name in ('a', 'spent'):
+    monkeypatch.setattr(timed_run.loop, 'train_and_evaluate', stop_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+      curve.run_curves(config, str(tmp_path), [(name, {})], minutes=1e5, eval_every=2, weights=[1.0], max_steps=4)
+    monkeypatch.undo()
+    partial = json.load(open(tmp_path / name / 'clock.partial.json'))
+    assert partial['clock'].keys() == {'2'} and partial['budget_start'] == 0
+    assert not (tmp_path / name / 'clock.json').exists()
+    # Step 2's time set far ahead, so a clock restarted from zero would show: within the budget for 'a', past it
+    # for 'spent'.
+    partial['clock']['2'] = 1e6 if name == 'a' else 1e5 * 60 + 1
+    json.dump(partial, open(tmp_path / name / 'clock.partial.json', 'w'))
+  result = curve.run_curves(config, str(tmp_path), [('a', {}), ('spent', {})], minutes=1e5, eval_every=2,
+                            weights=[1.0], max_steps=4)
+  clock = json.load(open(tmp_path / 'a' / 'clock.json'))
+  assert clock['2'] == 1e6 and 1e6 < clock['4'] < 1e6 + 600
+  assert [p['step'] for p in result['curves']['a']] == [2, 4]
+  assert json.load(open(tmp_path / 'spent' / 'clock.json')) == {'2': 1e5 * 60 + 1}
+  assert [p['step'] for p in result['curves']['spent']] == [2]
+  assert not any(os.path.exists(tmp_path / n / 'clock.partial.json') for n in ('a', 'spent'))
+  # A stopped --extend resumes the same way: 'a' continued to 8 steps, stopped after step 6, then run again.
+  monkeypatch.setattr(timed_run.loop, 'train_and_evaluate', stop_after_first_checkpoint)
+  with pytest.raises(KeyboardInterrupt):
+    curve.run_curves(config, str(tmp_path), [('a', {})], minutes=1e5, eval_every=2, weights=[1.0], max_steps=8,
+                     extend=True)
+  monkeypatch.undo()
+  assert json.load(open(tmp_path / 'a' / 'clock.partial.json'))['clock'].keys() == {'2', '4', '6'}
+  assert json.load(open(tmp_path / 'a' / 'clock.json')) == clock   # the finished clock is kept until the end
+  more = curve.run_curves(config, str(tmp_path), [('a', {})], minutes=1e5, eval_every=2, weights=[1.0], max_steps=8,
+                          extend=True)
+  extended = json.load(open(tmp_path / 'a' / 'clock.json'))
+  assert extended.keys() == {'2', '4', '6', '8'} and {k: extended[k] for k in ('2', '4')} == clock
+  assert clock['4'] < extended['6'] < extended['8'] < clock['4'] + 600
+  assert [p['step'] for p in more['curves']['a']] == [2, 4, 6, 8]
 
 
 def test_command_line_flags():

@@ -24,10 +24,11 @@ hundredths.
 Writes WORKDIR/curve.json (every point and the settings), curve.md (one table per variant) and curve.png
 (the identity accuracy against minutes and against steps; on real faces also the face rate). A variant
 whose training finished (WORKDIR/NAME/clock.json) is not trained again, and evaluated points are kept
-(WORKDIR/NAME/points.json): a stopped run resumes. With `--extend --max_steps=M` finished runs that stopped
-below step M continue from their last checkpoint for another `--minutes` (a constant learning rate and the
-run's own config only, so that they follow the run trained straight through), their new checkpoints timed from
-where the clock stopped.
+(WORKDIR/NAME/points.json): a stopped run resumes, its training from its last checkpoint with what was left
+of its budget and its clock following on from that checkpoint's time (WORKDIR/NAME/clock.partial.json). With
+`--extend --max_steps=M` finished runs that stopped below step M continue from their last checkpoint for another
+`--minutes` (a constant learning rate and the run's own config only, so that they follow the run trained straight
+through), their new checkpoints timed from where the clock stopped; a stopped extension resumes the same way.
 """
 
 from __future__ import annotations
