@@ -46,14 +46,13 @@ def _read_clock(workdir: str) -> dict[str, float] | None:
   return _read_json(workdir, _CLOCK)
 
 
-def _stopped_run(workdir: str) -> dict | None:
+def _stopped_run(workdir: str, finished: dict[str, float] | None) -> dict | None:
   """The clock of a run stopped after a checkpoint ({'clock': {step: s}, 'budget_start': s}), if its last
-  timed step is the workdir's last checkpoint and lies beyond the finished clock (if any); else None."""
+  timed step is the workdir's last checkpoint and lies beyond `finished` (its clock.json, if any); else None."""
   partial = _read_json(workdir, _PARTIAL)
   if not partial or not partial['clock']:
     return None
   last = _last_step(partial['clock'])
-  finished = _read_clock(workdir)
   if ckpt_lib.checkpoint_step_or_none(workdir) != last or (finished and _last_step(finished) >= last):
     return None
   return partial
@@ -88,7 +87,7 @@ def to_extend(config, workdir: str) -> bool:
     raise ValueError(f'{workdir} was trained with ' + ', '.join(f'{k}={old!r}' for k, old in changed.items()) +
                      '; a continued run must keep them (pass the same config and overrides as its first run).')
   latest = ckpt_lib.checkpoint_step(workdir)
-  if latest != last and not _stopped_run(workdir):
+  if latest != last and not _stopped_run(workdir, clock):
     raise ValueError(f'{workdir}/checkpoints ends at step {latest} but its clock.json at step {last}, so the '
                      'new wall times would not follow on: keep only the checkpoints up to the clock\'s last step.')
   return True
@@ -104,18 +103,18 @@ def train_variant(config, workdir: str, *, extend: bool = False) -> dict[str, fl
   clock = _read_clock(workdir)
   if clock is not None and not extend:
     return clock
-  stopped = _stopped_run(workdir)
+  stopped = _stopped_run(workdir, clock)
   if stopped:
-    clock, budget_start = stopped['clock'], stopped['budget_start']
+    clock = stopped['clock']
     logging.info('%s: resuming the stopped run from step %d.', workdir, _last_step(clock))
   elif clock is None and ckpt_lib.checkpoint_step_or_none(workdir) is not None:
     raise ValueError(f'{workdir} holds checkpoints but no clock of them (a run stopped before its first timed '
                      'checkpoint, or by an older version): its wall times are lost; delete the folder to train the '
                      'variant again.')
-  else:
-    clock = clock or {}
-    budget_start = clock[str(_last_step(clock))] if clock else 0.0
+  clock = clock or {}
   resumed_at = clock[str(_last_step(clock))] if clock else 0.0
+  # A stopped run's budget began where it first started; a new or continued one's begins now.
+  budget_start = stopped['budget_start'] if stopped else resumed_at
   budget = config.train.time_budget_minutes
   if budget > 0:
     left = budget - (resumed_at - budget_start) / 60
