@@ -51,21 +51,25 @@ def add_channel_bias(y: jax.Array, bias: jax.Array, impl: str) -> jax.Array:
   With 'reduce' this is the plain broadcast add (autodiff's own reduction), exactly as nn.Conv adds it.
   """
   if check_impl(impl) == 'reduce':
-    return y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
+    return _broadcast_add(y, bias)
   return _add_bias_matmul_grad(y, bias)
+
+
+def _broadcast_add(y, bias):
+  return y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
 
 
 @jax.custom_vjp
 def _add_bias_matmul_grad(y, bias):
-  return y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
+  return _broadcast_add(y, bias)
 
 
 def _add_bias_fwd(y, bias):
-  return _add_bias_matmul_grad(y, bias), jnp.zeros((), bias.dtype)   # the residual carries bias's dtype
+  return _broadcast_add(y, bias), bias   # bias (a parameter, alive anyway) gives the gradient's dtype
 
 
-def _add_bias_bwd(res, dy):
-  return dy, all_sums(dy, 'matmul').astype(res.dtype)
+def _add_bias_bwd(bias, dy):
+  return dy, all_sums(dy, 'matmul').astype(bias.dtype)
 
 
 _add_bias_matmul_grad.defvjp(_add_bias_fwd, _add_bias_bwd)
