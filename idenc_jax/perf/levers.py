@@ -46,6 +46,11 @@ LEVERS = {
     # An empty fusion type turns YNNPACK off: every convolution stays XLA's own (Eigen).
     'ynnoff': {'train.compiler_options': 'xla_cpu_experimental_ynn_fusion_type='},
     'ynnon': {'train.compiler_options': ''},
+    # XLA's default YNNPACK fusions are dots, reductions and convolutions of 32+ channels; these keep the
+    # first two (or reductions alone) and leave every convolution to XLA's own (Eigen).
+    'ynnnoconv': {'train.compiler_options': 'xla_cpu_experimental_ynn_fusion_type='
+                                            'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'},
+    'ynnreduce': {'train.compiler_options': 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE'},
 }
 
 
