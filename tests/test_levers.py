@@ -457,10 +457,42 @@ def test_ynnoff_compiles_every_convolution_without_ynnpack():
   np.testing.assert_allclose(compiled(x, w, dy), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_paper_configs_turn_ynnpack_off_and_the_cpu_configs_keep_xla_defaults():
+def test_ynnnoconv_keeps_ynnpack_for_dots_and_reductions_and_leaves_convolutions_to_xla():
+  rng = np.random.default_rng(0)
+  x, w, dy = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 8, 8, 32), (3, 3, 32, 32), (2, 8, 8, 32)))
+  a, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((64, 32), (32, 32)))
+  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  programs = {'kernel gradient': (lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0], (x, w, dy)),
+              'forward convolution': (conv, (x, w)),
+              'column sum': (lambda x: jnp.sum(x * x, axis=(0, 1, 2)), (x,)),
+              'matmul': (lambda a, b: a @ b, (a, b))}
+  for lever, ynn_takes in (('ynnnoconv', {'column sum', 'matmul'}), ('ynnreduce', {'column sum'}),
+                           ('ynnon', set(programs))):
+    config = tiny(**levers.LEVERS[lever])
+    for name, (fn, args) in programs.items():
+      lowered = jax.jit(fn).lower(*args)
+      text = step_lib.compile_with_options(lowered, config).as_text()
+      if lever == 'ynnon' and 'ynn_fusion' not in text:
+        assert jax.__version_info__ >= (0, 11), f'the default no longer hands the {name} to YNNPACK'
+        continue
+      assert ('ynn_fusion' in text) == (name in ynn_takes), (lever, name)
+  # The same sum and matmul, in numpy.
+  compiled = step_lib.compile_with_options(jax.jit(lambda x: jnp.sum(x * x, axis=(0, 1, 2))).lower(x),
+                                           tiny(**levers.LEVERS['ynnnoconv']))
+  np.testing.assert_allclose(compiled(x), (np.asarray(x, np.float64) ** 2).sum(axis=(0, 1, 2)), rtol=1e-5)
+
+
+@pytest.mark.parametrize('lever', ['ynnnoconv', 'ynnreduce'])
+def test_ynnpack_subsets_keep_the_model_loss_and_gradients(reference, lever):
+  _assert_model_close(reference, levers.LEVERS[lever], 1e-4, 1e-3)
+
+
+def test_paper_configs_turn_ynnpack_off_and_the_cpu_configs_keep_it_for_reductions():
   paper, cpu = (cli.load_config_file(f'configs/base.py:{v}') for v in ('paper', 'cpu'))
   assert step_lib.compiler_options(paper) == {'xla_cpu_experimental_ynn_fusion_type': ''}
-  assert step_lib.compiler_options(cpu) is None
+  assert step_lib.compiler_options(cpu) == {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
+  assert step_lib.compiler_options(cpu) == step_lib.compiler_options(levers.variant_config(paper, 'ynnreduce'))
+  assert step_lib.compiler_options(levers.variant_config(cpu, 'ynnon')) is None
   assert step_lib.compiler_options(levers.variant_config(paper, 'ynnon')) is None
   assert step_lib.compiler_options(levers.variant_config(cpu, 'ynnoff')) == step_lib.compiler_options(paper)
   # An XLA:CPU option is left out where the step compiles for a GPU or TPU (and a GPU option on a CPU).
@@ -476,7 +508,8 @@ def test_compiler_options_parse_and_reject_malformed_entries():
   c = tiny(**{'train.compiler_options': 'a=true; b=3;c=LIBRARY_X ;d=0.5'})
   assert step_lib.compiler_options(c) == {'a': True, 'b': 3, 'c': 'LIBRARY_X', 'd': 0.5}
   assert step_lib.compiler_options(c, {'a': False, 'e': 1}) == {'a': False, 'b': 3, 'c': 'LIBRARY_X', 'd': 0.5, 'e': 1}
-  assert step_lib.compiler_options(tiny()) is None and step_lib.compiler_options(tiny(), {}) is None
+  none = tiny(**{'train.compiler_options': ''})
+  assert step_lib.compiler_options(none) is None and step_lib.compiler_options(none, {}) is None
   with pytest.raises(ValueError, match='is not name=value'):
     step_lib.compiler_options(tiny(**{'train.compiler_options': 'xla_cpu_use_onednn'}))
 
