@@ -265,8 +265,8 @@ def _apply_cpu(c):
   # defaults, 1.03-1.09x PyTorch on an Intel Xeon (docs/performance.md). The same function (tests/test_levers.py);
   # the figures in docs/ measured before 2026-12-05 used XLA's defaults.
   c.train.compiler_options = 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE'
-  # XLA's own small convolutions and reductions for the same reason: the matmul forms measured 0.98x on this
-  # model (its 16-32 channels are too few for XLA:CPU's slow column reductions to matter).
+  # XLA's own small convolutions and per-channel sums: the matmul forms measured 0.98x on this model (its
+  # 16-32 channels are too few for them to pay), and its figures were trained so.
   c.model.small_conv = 'xla'
   c.model.channel_sums = 'reduce'
   # An agnostic quarter: the agnostic loss weighs only a2 = 0.01, and a quarter instead of the paper's half

@@ -31,7 +31,8 @@ FAST_COMPILE = {'xla_backend_optimization_level': 0}
 
 # Every lever off: the reference each lever is compared with (the cpu configs default to the fused norm).
 PLAIN = {'model.dtype': 'float32', 'model.remat': False, 'model.attention': 'xla', 'model.conv_grad': 'xla',
-         'model.group_norm': 'flax', 'model.small_conv': 'xla', 'model.channel_sums': 'reduce'}
+         'model.group_norm': 'flax', 'model.small_conv': 'xla', 'model.channel_sums': 'reduce',
+         'train.compiler_options': ''}   # XLA's own defaults, against which the option levers are compared
 
 
 def tiny(**overrides):
@@ -476,10 +477,13 @@ def test_ynnnoconv_keeps_ynnpack_for_dots_and_reductions_and_leaves_convolutions
         assert jax.__version_info__ >= (0, 11), f'the default no longer hands the {name} to YNNPACK'
         continue
       assert ('ynn_fusion' in text) == (name in ynn_takes), (lever, name)
-  # The same sum and matmul, in numpy.
-  compiled = step_lib.compile_with_options(jax.jit(lambda x: jnp.sum(x * x, axis=(0, 1, 2))).lower(x),
-                                           tiny(**levers.LEVERS['ynnnoconv']))
-  np.testing.assert_allclose(compiled(x), (np.asarray(x, np.float64) ** 2).sum(axis=(0, 1, 2)), rtol=1e-5)
+  # What YNNPACK computes there, against numpy.
+  config = tiny(**levers.LEVERS['ynnnoconv'])
+  column_sum, matmul = (step_lib.compile_with_options(jax.jit(programs[k][0]).lower(*programs[k][1]), config)
+                        for k in ('column sum', 'matmul'))
+  np.testing.assert_allclose(column_sum(x), (np.asarray(x, np.float64) ** 2).sum(axis=(0, 1, 2)), rtol=1e-5)
+  np.testing.assert_allclose(matmul(a, b), np.asarray(a, np.float64) @ np.asarray(b, np.float64), rtol=1e-5,
+                             atol=1e-5)
 
 
 @pytest.mark.parametrize('lever', ['ynnnoconv', 'ynnreduce'])
