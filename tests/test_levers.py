@@ -438,13 +438,25 @@ def test_library_convolutions_keep_the_model_loss_and_gradients(reference, libra
   _assert_model_close(reference, {'train.compiler_options': LIBRARY_CONVOLUTIONS[library]}, 1e-4, 1e-3)
 
 
+def _same_conv(x, w):
+  return lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _kernel_grad(x, w, dy):
+  return jax.vjp(lambda w: _same_conv(x, w), w)[1](dy)[0]
+
+
+def _conv_operands(rng):
+  """x, w, dy of a 3x3 convolution at 32 channels, the width from which jax 0.10's XLA:CPU hands
+  convolutions to YNNPACK by default."""
+  return (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 8, 8, 32), (3, 3, 32, 32), (2, 8, 8, 32)))
+
+
 def test_ynnoff_compiles_every_convolution_without_ynnpack():
   # The kernel gradient is the convolution XLA:CPU's default hands to YNNPACK (docs/performance.md); with
   # jax 0.10 it does so from 32 channels up, so the default's HLO shows the fusion this option removes.
-  rng = np.random.default_rng(0)
-  x, w, dy = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 8, 8, 32), (3, 3, 32, 32), (2, 8, 8, 32)))
-  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  kernel_grad = jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])
+  x, w, dy = _conv_operands(np.random.default_rng(0))
+  kernel_grad = jax.jit(_kernel_grad)
   config = tiny(**{'train.compiler_options': LIBRARY_CONVOLUTIONS['off']})
   assert step_lib.compiler_options(config) == {'xla_cpu_experimental_ynn_fusion_type': ''}
   compiled = step_lib.compile_with_options(kernel_grad.lower(x, w, dy), config)
@@ -460,30 +472,25 @@ def test_ynnoff_compiles_every_convolution_without_ynnpack():
 
 def test_ynnnoconv_keeps_ynnpack_for_dots_and_reductions_and_leaves_convolutions_to_xla():
   rng = np.random.default_rng(0)
-  x, w, dy = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 8, 8, 32), (3, 3, 32, 32), (2, 8, 8, 32)))
+  x, w, dy = _conv_operands(rng)
   a, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((64, 32), (32, 32)))
-  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  programs = {'kernel gradient': (lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0], (x, w, dy)),
-              'forward convolution': (conv, (x, w)),
-              'column sum': (lambda x: jnp.sum(x * x, axis=(0, 1, 2)), (x,)),
-              'matmul': (lambda a, b: a @ b, (a, b))}
+  programs = {'kernel gradient': (_kernel_grad, (x, w, dy)), 'forward convolution': (_same_conv, (x, w)),
+              'column sum': (lambda x: jnp.sum(x * x, axis=(0, 1, 2)), (x,)), 'matmul': (lambda a, b: a @ b, (a, b))}
+  compiled = {}
   for lever, ynn_takes in (('ynnnoconv', {'column sum', 'matmul'}), ('ynnreduce', {'column sum'}),
                            ('ynnon', set(programs))):
     config = tiny(**levers.LEVERS[lever])
     for name, (fn, args) in programs.items():
-      lowered = jax.jit(fn).lower(*args)
-      text = step_lib.compile_with_options(lowered, config).as_text()
+      compiled[lever, name] = step_lib.compile_with_options(jax.jit(fn).lower(*args), config)
+      text = compiled[lever, name].as_text()
       if lever == 'ynnon' and 'ynn_fusion' not in text:
         assert jax.__version_info__ >= (0, 11), f'the default no longer hands the {name} to YNNPACK'
         continue
       assert ('ynn_fusion' in text) == (name in ynn_takes), (lever, name)
   # What YNNPACK computes there, against numpy.
-  config = tiny(**levers.LEVERS['ynnnoconv'])
-  column_sum, matmul = (step_lib.compile_with_options(jax.jit(programs[k][0]).lower(*programs[k][1]), config)
-                        for k in ('column sum', 'matmul'))
-  np.testing.assert_allclose(column_sum(x), (np.asarray(x, np.float64) ** 2).sum(axis=(0, 1, 2)), rtol=1e-5)
-  np.testing.assert_allclose(matmul(a, b), np.asarray(a, np.float64) @ np.asarray(b, np.float64), rtol=1e-5,
-                             atol=1e-5)
+  x64, a64, b64 = (np.asarray(v, np.float64) for v in (x, a, b))
+  np.testing.assert_allclose(compiled['ynnnoconv', 'column sum'](x), (x64 ** 2).sum(axis=(0, 1, 2)), rtol=1e-5)
+  np.testing.assert_allclose(compiled['ynnnoconv', 'matmul'](a, b), a64 @ b64, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('lever', ['ynnnoconv', 'ynnreduce'])
