@@ -17,13 +17,15 @@ PACKAGE = ROOT / 'idenc_jax'
 ALLOWED = {
     'cli': set(),
     'progress': set(),
+    'xla_options': set(),
     'models': set(),
     'data': {'cli', 'progress', 'configs'},
     'diffusion': {'models'},
-    'train': {'models', 'data', 'diffusion'},
-    'personalize': {'models', 'data', 'diffusion', 'train', 'progress', 'configs'},   # configs: a run's config.json
+    'train': {'models', 'data', 'diffusion', 'xla_options'},
+    # configs: a run's config.json
+    'personalize': {'models', 'data', 'diffusion', 'train', 'progress', 'configs', 'xla_options'},
     'evaluate': {'models', 'data', 'diffusion', 'train', 'personalize', 'progress'},
-    'perf': {'models', 'data', 'diffusion', 'train', 'personalize', 'cli', 'configs'},   # personalize: latency
+    'perf': {'models', 'data', 'diffusion', 'train', 'personalize', 'cli', 'configs', 'xla_options'},  # latency
     'experiments': {'models', 'data', 'diffusion', 'train', 'personalize', 'evaluate', 'cli', 'progress', 'configs'},
     'demo': {'models', 'data', 'diffusion', 'personalize', 'cli', 'progress', 'configs'},
     'main': {'cli'},   # the modes' modules are imported by name at run time

@@ -74,6 +74,23 @@ def test_measure_latency_reports_both_sides():
   assert 'torch' in rec['torch']['framework'] and '|' in latency.format_table(rec)
 
 
+def test_measure_latency_times_variants_in_the_same_turns():
+  config = base.get_config('tiny')
+  rec = latency.measure_latency(config, images=2, steps=2, references=2, repeats=2, reference='torch',
+                                variants=['sampleynnon', 'sampleynnoff'])
+  assert list(rec['variants']) == ['sampleynnon', 'sampleynnoff']
+  assert rec['jax'] == {**{k: v for k, v in rec['variants']['sampleynnon'].items()
+                           if k not in ('speedup', 'vs_torch')}, 'variant': 'sampleynnon'}
+  for name, s in rec['variants'].items():
+    assert s['speedup'] == pytest.approx(rec['jax']['total_ms'] / s['total_ms'])
+    assert s['vs_torch'] == pytest.approx(rec['torch']['total_ms'] / s['total_ms'])
+    assert f'| jax {name} |' in latency.format_table(rec)
+  assert rec['variants']['sampleynnon']['speedup'] == 1.0
+  # Without variants: the config as given, one row.
+  rec = latency.measure_latency(config, images=1, steps=1, references=1, repeats=1)
+  assert 'variants' not in rec and rec['jax']['variant'] == 'config' and '| jax |' in latency.format_table(rec)
+
+
 def test_measure_latency_refuses_empty_requests():
   with pytest.raises(ValueError, match='images, steps, references and repeats must be >= 1'):
     latency.measure_latency(base.get_config('tiny'), images=0)

@@ -58,10 +58,11 @@ def generate(generator, generator_params, schedule: schedules.NoiseSchedule, z: 
 
 def make_identity_sampler(generator, encoder, schedule, *, num: int, sampler: str, num_steps: int,
                           eta: float = 0.0, start_t: int | None = None, guidance: float = 1.0,
-                          prediction: str = 'eps'):
+                          prediction: str = 'eps', compiler_options: dict | None = None):
   """A jitted fn(gen_params, enc_params, references [I, R, ...], rng) -> samples [I, num, ...].
 
-  vmapped over identities, so a whole grid is one compiled call.
+  vmapped over identities, so a whole grid is one compiled call; compiled with `compiler_options`
+  (XLA's, e.g. `xla_options.checked(config, 'sample')`; None: XLA's defaults).
   """
   def one(gen_params, enc_params, refs, rng):
     z = embed_references(encoder, enc_params, refs)
@@ -73,4 +74,4 @@ def make_identity_sampler(generator, encoder, schedule, *, num: int, sampler: st
     rngs = jax.random.split(rng, references.shape[0])
     return jax.vmap(one, in_axes=(None, None, 0, 0))(gen_params, enc_params, references, rngs)
 
-  return jax.jit(fn)
+  return jax.jit(fn, compiler_options=compiler_options)

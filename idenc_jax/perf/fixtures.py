@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idenc_jax import models
+from idenc_jax import models, xla_options
 from idenc_jax.data.batch_layout import batch_spec
 from idenc_jax.diffusion import schedules
 from idenc_jax.train import losses
@@ -130,7 +130,8 @@ class Feeder(prefetch_lib.Prefetcher):
 
 
 def compile_sample_step(config, params, batch: int):
-  """(compiled generator forward, its arguments, compile seconds): a sampling step's network call."""
+  """(compiled generator forward, its arguments, compile seconds): a sampling step's network call, compiled
+  with config.sample.compiler_options as the samplers are."""
   if config.stage == 2:
     raise ValueError('sample-step timing covers stage 0/1 generators (stage 2 needs condition tokens).')
   gen = models.build_generator(config)
@@ -141,5 +142,6 @@ def compile_sample_step(config, params, batch: int):
   z = None if config.stage == 0 else jax.random.normal(keys[2], (batch, config.model.embed_dim))
   fn = jax.jit(lambda p, x, t, z: gen.apply({'params': p}, x, t, z))
   t0 = time.perf_counter()
-  compiled = fn.lower(params, x, t, z).compile()
+  compiled = xla_options.compile_lowered(fn.lower(params, x, t, z), xla_options.from_config(config, 'sample'),
+                                        xla_options.field_name('sample'))
   return compiled, (params, x, t, z), time.perf_counter() - t0

@@ -10,13 +10,17 @@ same models (`perf.torch_model`, our weights copied in), in turns with ours: the
 their mean, then `torch_ddim` (the same DDIM steps, guidance as one call on the doubled batch, the same
 clipping), so the ratio compares like with like (`tests/test_latency.py` checks that both produce the same
 images). Parameters are random (`perf.fixtures`: the cost of a step does not depend on them) unless
---workdir names a trained run. Prints a table and, as its last line, one JSON object.
+--workdir names a trained run. --variants times several variants of the config in the same turns (levers of
+`perf.levers`, e.g. the sampling compiler options: `--variants=sampleynnon,sampleynnreduce,sampleynnoff`);
+the first is reported as `jax`, all of them under `variants` with their speed-up over the first. Prints a
+table and, as its last line, one JSON object.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -26,7 +30,7 @@ from absl import app, flags
 from idenc_jax import cli
 from idenc_jax.data import images as images_lib
 from idenc_jax.diffusion import guidance as guidance_lib, samplers, schedules
-from idenc_jax.perf import fixtures, measure, torch_model, torch_reference
+from idenc_jax.perf import fixtures, levers, measure, torch_model, torch_reference
 from idenc_jax.personalize.personalizer import Personalizer, load_workdir_params
 
 
@@ -97,8 +101,10 @@ def _timed(fn) -> tuple[Any, float]:
 
 
 def measure_latency(config, *, images: int = 8, steps: int = 25, references: int = 4, repeats: int = 3,
-                    reference: str = '', params: dict | None = None, log=lambda s: None) -> dict[str, Any]:
-  """Warm and first-call latency of embed + generate for ours (and PyTorch's with reference='torch')."""
+                    reference: str = '', params: dict | None = None, variants: Sequence[str] = ('',),
+                    log=lambda s: None) -> dict[str, Any]:
+  """Warm and first-call latency of embed + generate for ours (and PyTorch's with reference='torch'); each
+  of `variants` (levers, '' the config as given) is one of ours, all timed in the same turns."""
   if images < 1 or steps < 1 or references < 1 or repeats < 1:
     raise ValueError(f'images, steps, references and repeats must be >= 1; got {images}, {steps}, '
                      f'{references}, {repeats}.')
@@ -106,7 +112,9 @@ def measure_latency(config, *, images: int = 8, steps: int = 25, references: int
     params = fixtures.model_params(config, config.seed)
   r = config.model.resolution
   refs = np.random.default_rng(0).integers(0, 256, (references, r, r, 3), dtype=np.uint8)
-  sides: dict[str, Any] = {'jax': Personalizer(config, params)}
+  variants = list(dict.fromkeys(variants or ('',)))
+  names = {v: (v or 'config') for v in variants}
+  sides: dict[str, Any] = {names[v]: Personalizer(levers.variant_config(config, v), params) for v in variants}
   if reference == 'torch':
     sides['torch'] = TorchPersonalizer(config, params)
   times: dict[str, dict[str, list[float]]] = {k: {'embed': [], 'generate': []} for k in sides}
@@ -135,28 +143,40 @@ def measure_latency(config, *, images: int = 8, steps: int = 25, references: int
       'host': measure.host_info(), 'resolution': r, 'images': images, 'steps': steps, 'references': references,
       'guidance': guidance, 'model_calls_per_step_batch': images * (1 if guidance == 1.0 else 2),
       'repeats': repeats, 'statistic': 'median', 'jax': jax.__version__}
+  stats = {}
   for name in sides:
     e, g = np.median(times[name]['embed']), np.median(times[name]['generate'])
-    record[name] = {'embed_ms': 1e3 * float(e), 'generate_ms': 1e3 * float(g), 'total_ms': 1e3 * float(e + g),
-                    'step_ms': 1e3 * float(g) / steps,
-                    'first_call_s': first[name]['embed_s'] + first[name]['generate_s']}
+    stats[name] = {'embed_ms': 1e3 * float(e), 'generate_ms': 1e3 * float(g), 'total_ms': 1e3 * float(e + g),
+                   'step_ms': 1e3 * float(g) / steps,
+                   'first_call_s': first[name]['embed_s'] + first[name]['generate_s']}
+  first_name = names[variants[0]]
+  record['jax'] = {**stats[first_name], 'variant': first_name}
+  if len(variants) > 1:
+    record['variants'] = {
+        names[v]: {**stats[names[v]], 'speedup': stats[first_name]['total_ms'] / stats[names[v]]['total_ms']}
+        for v in variants}
   if 'torch' in sides:
-    record['torch']['framework'] = f'torch {sides["torch"].torch.__version__}'
-    record['torch']['threads'] = sides['torch'].torch.get_num_threads()
+    record['torch'] = {**stats['torch'], 'framework': f'torch {sides["torch"].torch.__version__}',
+                       'threads': sides['torch'].torch.get_num_threads()}
     record['vs_torch'] = record['torch']['total_ms'] / record['jax']['total_ms']
+    for s in record.get('variants', {}).values():
+      s['vs_torch'] = record['torch']['total_ms'] / s['total_ms']
   return record
 
 
 def format_table(record: dict[str, Any]) -> str:
-  lines = ['| | embed ms | generate ms | total ms | per step ms | first call s |',
-           '| --- | --- | --- | --- | --- | --- |']
-  for name in ('jax', 'torch'):
-    if name in record:
-      s = record[name]
-      lines.append(f'| {name} | {s["embed_ms"]:.1f} | {s["generate_ms"]:.1f} | {s["total_ms"]:.1f} | '
-                   f'{s["step_ms"]:.1f} | {s["first_call_s"]:.1f} |')
+  lines = ['| | embed ms | generate ms | total ms | per step ms | first call s | vs PyTorch |',
+           '| --- | --- | --- | --- | --- | --- | --- |']
+  rows = ({f'jax {k}': v for k, v in record['variants'].items()} if 'variants' in record
+          else {'jax': {**record['jax'], 'vs_torch': record.get('vs_torch')}})
+  if 'torch' in record:
+    rows['torch'] = {**record['torch'], 'vs_torch': 1.0}
+  for name, s in rows.items():
+    ratio = '' if s.get('vs_torch') is None else f'{s["vs_torch"]:.2f}'
+    lines.append(f'| {name} | {s["embed_ms"]:.1f} | {s["generate_ms"]:.1f} | {s["total_ms"]:.1f} | '
+                 f'{s["step_ms"]:.1f} | {s["first_call_s"]:.1f} | {ratio} |')
   if 'vs_torch' in record:
-    lines.append(f'ours at {record["vs_torch"]:.2f}x the speed of the PyTorch reference')
+    lines.append(f'ours ({record["jax"]["variant"]}) at {record["vs_torch"]:.2f}x the speed of the PyTorch reference')
   return '\n'.join(lines)
 
 
@@ -170,6 +190,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_enum('reference', '', ['', 'torch'], 'also time the PyTorch twin, in turns with ours', **where)
   flags.DEFINE_string('workdir', '', "a trained run's workdir (its EMA parameters); default random ones",
                       **where)
+  flags.DEFINE_list('variants', [''], "variants of the config timed in turns (levers of perf.levers, e.g. "
+                    "'sampleynnon,sampleynnreduce'); default: the config as given", **where)
   flags.DEFINE_string('json_out', '', 'also write the JSON record here', **where)
 
 
@@ -180,7 +202,8 @@ def main(argv) -> None:
   config = f.config
   params = load_workdir_params(f.workdir, 'train it first') if f.workdir else None
   record = measure_latency(config, images=f.images, steps=f.steps, references=f.references, repeats=f.repeats,
-                           reference=f.reference, params=params, log=lambda s: print(f'[latency] {s}', flush=True))
+                           reference=f.reference, params=params,
+                           variants=[v.strip() for v in f.variants], log=lambda s: print(f'[latency] {s}', flush=True))
   print(format_table(record))
   text = json.dumps(record)
   if f.json_out:

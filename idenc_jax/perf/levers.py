@@ -8,7 +8,9 @@ mmsmall / xlasmall (model.small_conv: 3x3 convolutions on maps of at most 4x4 as
 flat / perarray (train.flat_update: the optimizer, EMA and guard on one flat vector or array by array),
 ynnconv / xnnconv / onednnconv (XLA:CPU's YNNPACK / XNNPACK / oneDNN convolutions, train.compiler_options),
 ynnoff / ynnon (no YNNPACK fusions at all, the paper configs' default / XLA:CPU's own defaults, which hand the
-kernel-gradient convolutions to YNNPACK; the `cpu` configs' default),
+kernel-gradient convolutions to YNNPACK), ynnreduce / ynnnoconv (YNNPACK for reductions only, the `cpu` configs'
+default / for reductions and matmuls), sampleynnon / sampleynnoff / sampleynnreduce (the same for
+sample.compiler_options, the inference calls: `perf.latency --variants`),
 b<N> (train.batch_size), prefetch<N> (data.prefetch), or any `section.field=value`. A field that no
 lever of a variant names keeps the config's value, so a variant says only what it changes.
 
@@ -51,6 +53,11 @@ LEVERS = {
     'ynnnoconv': {'train.compiler_options': 'xla_cpu_experimental_ynn_fusion_type='
                                             'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'},
     'ynnreduce': {'train.compiler_options': 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE'},
+    # The same settings for the inference calls (sample.compiler_options: encoder, samplers), which have no
+    # kernel gradients: XLA's defaults, YNNPACK off, reductions only.
+    'sampleynnon': {'sample.compiler_options': ''},
+    'sampleynnoff': {'sample.compiler_options': 'xla_cpu_experimental_ynn_fusion_type='},
+    'sampleynnreduce': {'sample.compiler_options': 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE'},
 }
 
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idenc_jax import models, progress
+from idenc_jax import models, progress, xla_options
 from idenc_jax.data import align as align_lib
 from idenc_jax.data import images as images_lib
 from idenc_jax.diffusion import consistency, guidance as guidance_lib, samplers, schedules
@@ -87,7 +87,8 @@ _COMPILED: dict[tuple, Any] = {}
 
 
 def _model_key(config) -> str:
-  return config.model.to_json() + config.encoder.to_json() + config.diffusion.to_json() + str(config.stage)
+  return (config.model.to_json() + config.encoder.to_json() + config.diffusion.to_json() + str(config.stage)
+          + config.sample.compiler_options)
 
 
 class Personalizer:
@@ -107,9 +108,12 @@ class Personalizer:
     # Every generation starts at this timestep (config.diffusion.sample_start_t; -1 = T - 1).
     self.start_t = samplers.check_start_t(config.diffusion.sample_start_t, self.schedule.timesteps)
     self._key = _model_key(config)
+    # Every compiled call of this model takes config.sample.compiler_options (checked here, once).
+    self.compiler_options = xla_options.checked(config, 'sample')
     if (self._key, 'encode') not in _COMPILED:
       encoder = self.encoder
-      _COMPILED[self._key, 'encode'] = jax.jit(lambda p, x: encoder.apply({'params': p}, x))
+      _COMPILED[self._key, 'encode'] = jax.jit(lambda p, x: encoder.apply({'params': p}, x),
+                                               compiler_options=self.compiler_options)
     self._encode = _COMPILED[self._key, 'encode']
     self._aligner = None
     self._fingerprint = None
@@ -185,7 +189,8 @@ class Personalizer:
                                      prediction=prediction, on_step=_advance_sampling_bar)
       # vmapped over identities: one compiled call generates for a batch of embeddings.
       _COMPILED[key] = jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0 if with_context else None,
-                                                      0 if project is not None else None)))
+                                                      0 if project is not None else None)),
+                               compiler_options=self.compiler_options)
     return _COMPILED[key]
 
   def steps_per_call(self, sampler: str, steps: int | None) -> int:

@@ -62,7 +62,8 @@ class Restorer:
         raise ValueError('The checkpoint\'s cond_encoder does not match this config (task '
                          f'{config.stage2.task!r}, token_resolution {config.stage2.token_resolution}); pass '
                          'the config it was trained with.')
-    self._tokens = jax.jit(lambda p, c: cond_encoder.apply({'params': p}, c))
+    self._tokens = jax.jit(lambda p, c: cond_encoder.apply({'params': p}, c),
+                           compiler_options=self.personalizer.compiler_options)
 
   @functools.cached_property
   def projector(self) -> consistency.Projector:

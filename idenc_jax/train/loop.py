@@ -13,7 +13,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from idenc_jax import models
+from idenc_jax import models, xla_options
 from idenc_jax.data import batch_layout
 from idenc_jax.data import images as images_lib
 from idenc_jax.data import pipeline
@@ -70,7 +70,7 @@ class SampleGrid:
     self.fn = generate_lib.make_identity_sampler(
         models.build_generator(config), models.build_encoder(config), schedule,
         num=4, sampler='ddim', num_steps=tc.sample_steps, start_t=start_t, guidance=config.eval.guidance,
-        prediction=config.diffusion.prediction)
+        prediction=config.diffusion.prediction, compiler_options=xla_options.checked(config, 'sample'))
     self.rng = jax.random.key(config.seed + 1)
 
   def __call__(self, ema_params) -> np.ndarray:

@@ -6,58 +6,24 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from idenc_jax import models
+from idenc_jax import models, xla_options
 from idenc_jax.train import losses
 from idenc_jax.diffusion import schedules
 from idenc_jax.train import state as state_lib
 from idenc_jax.train import update as update_lib
 
 
-_PLATFORM_PREFIXES = {'cpu': 'xla_cpu_', 'gpu': 'xla_gpu_', 'tpu': 'xla_tpu_'}
-
-
 def compiler_options(config, extra: dict[str, Any] | None = None,
                      platform: str | None = None) -> dict[str, Any] | None:
-  """config.train.compiler_options 'name=value;name=value' -> {name: value} for `Lowered.compile`, with
-  `extra` (a caller's options) over them; None when empty. 'true' / 'false' become booleans and numbers
-  numbers; anything else stays text (enum names). Options of another platform's compiler (xla_cpu_* on a
-  GPU, xla_gpu_* on a CPU...) are left out, so one config serves every backend; `platform` defaults to
-  jax's default backend."""
-  platform = platform or jax.default_backend()
-  foreign = tuple(prefix for name, prefix in _PLATFORM_PREFIXES.items() if name != platform)
-  out = {}
-  for item in filter(None, (p.strip() for p in config.train.compiler_options.split(';'))):
-    name, sep, value = item.partition('=')
-    if not sep or not name.strip():
-      raise ValueError(f'config.train.compiler_options entry {item!r} is not name=value.')
-    value = value.strip()
-    lowered = value.lower()
-    if lowered in ('true', 'false'):
-      out[name.strip()] = lowered == 'true'
-    else:
-      try:
-        out[name.strip()] = int(value)
-      except ValueError:
-        try:
-          out[name.strip()] = float(value)
-        except ValueError:
-          out[name.strip()] = value
-  out = {name: value for name, value in out.items() if not name.startswith(foreign)}
-  return {**out, **(extra or {})} or None
+  """config.train.compiler_options -> {name: value} for `Lowered.compile`, with `extra` (a caller's options)
+  over them; None when empty. Another platform's options are left out (`xla_options.parse`)."""
+  return xla_options.from_config(config, 'train', extra, platform)
 
 
 def compile_with_options(lowered, config, extra: dict[str, Any] | None = None):
-  """`lowered.compile` with `compiler_options(config, extra)`; an option XLA rejects (a misspelt name, a
-  value of the wrong kind) is a one-line ValueError naming the field, not XLA's runtime error."""
-  options = compiler_options(config, extra)
-  try:
-    return lowered.compile(options)
-  except jax.errors.JaxRuntimeError as e:
-    message = str(e).split('\n')[0]
-    if options and message.startswith('INVALID_ARGUMENT') and 'option' in message:
-      raise ValueError(f'config.train.compiler_options / compiler options {sorted(options)}: XLA says '
-                       f'{message}') from e
-    raise
+  """`lowered.compile` with `compiler_options(config, extra)`; an option XLA rejects is a one-line
+  ValueError naming config.train.compiler_options."""
+  return xla_options.compile_lowered(lowered, compiler_options(config, extra), xla_options.field_name('train'))
 
 
 def make_train_step(config, optimizer: optax.GradientTransformation):

@@ -1,0 +1,84 @@
+"""XLA compiler options named in a config, as 'name=value;name=value' text.
+
+Two fields: `config.train.compiler_options` (the train step and fine-tuning, which run backward passes) and
+`config.sample.compiler_options` (every inference call: the encoder, the samplers, the restorer's condition
+encoder). They are apart because the best settings differ: on XLA:CPU the paper configs' 128 px kernel
+gradients want YNNPACK off, a forward pass has none (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+_PLATFORM_PREFIXES = {'cpu': 'xla_cpu_', 'gpu': 'xla_gpu_', 'tpu': 'xla_tpu_'}
+PARTS = ('train', 'sample')
+
+
+def field_name(part: str) -> str:
+  if part not in PARTS:
+    raise ValueError(f'compiler options belong to one of {PARTS}, not {part!r}.')
+  return f'config.{part}.compiler_options'
+
+
+def parse(text: str, field: str, platform: str | None = None) -> dict[str, Any]:
+  """'name=value;name=value' -> {name: value}. 'true' / 'false' become booleans and numbers numbers; anything
+  else stays text (enum names). Options of another platform's compiler (xla_cpu_* on a GPU, xla_gpu_* on a
+  CPU...) are left out, so one config serves every backend; `platform` defaults to jax's default backend."""
+  platform = platform or jax.default_backend()
+  foreign = tuple(prefix for name, prefix in _PLATFORM_PREFIXES.items() if name != platform)
+  out: dict[str, Any] = {}
+  for item in filter(None, (p.strip() for p in text.split(';'))):
+    name, sep, value = item.partition('=')
+    if not sep or not name.strip():
+      raise ValueError(f'{field} entry {item!r} is not name=value.')
+    out[name.strip()] = _value(value.strip())
+  return {name: value for name, value in out.items() if not name.startswith(foreign)}
+
+
+def _value(text: str) -> Any:
+  if text.lower() in ('true', 'false'):
+    return text.lower() == 'true'
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
+def from_config(config, part: str, extra: dict[str, Any] | None = None,
+                platform: str | None = None) -> dict[str, Any] | None:
+  """`config.<part>.compiler_options` parsed, with `extra` (a caller's options) over them; None when empty
+  (jax's and `Lowered.compile`'s "XLA's defaults")."""
+  options = parse(config[part].compiler_options, field_name(part), platform)
+  return {**options, **(extra or {})} or None
+
+
+def compile_lowered(lowered, options: dict[str, Any] | None, field: str):
+  """`lowered.compile(options)`; an option XLA rejects (a misspelt name, a value of the wrong kind) is a
+  one-line ValueError naming `field`, not XLA's runtime error."""
+  try:
+    return lowered.compile(options)
+  except jax.errors.JaxRuntimeError as e:
+    message = str(e).split('\n')[0]
+    if options and message.startswith('INVALID_ARGUMENT') and 'option' in message:
+      raise ValueError(f'{field} / compiler options {sorted(options)}: XLA says {message}') from e
+    raise
+
+
+_CHECKED: set[tuple] = set()
+
+
+def checked(config, part: str) -> dict[str, Any] | None:
+  """`from_config(config, part)`, after XLA has accepted the options once in this process (a one-operation
+  function compiled with them), so that a misspelt option fails where the config is read, naming its field,
+  and not inside the first `jax.jit` call that carries it."""
+  options = from_config(config, part)
+  key = tuple(sorted((options or {}).items()))
+  if options and key not in _CHECKED:
+    compile_lowered(jax.jit(lambda x: x + 1).lower(jnp.zeros((), jnp.float32)), options, field_name(part))
+    _CHECKED.add(key)
+  return options
