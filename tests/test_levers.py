@@ -397,6 +397,12 @@ def test_fused_group_norm_matches_numpy():
                                        *[jnp.asarray(a, jnp.float32) for a in args[1:]], groups)
   assert got16.dtype == jnp.bfloat16   # the compute dtype in, the compute dtype out
   np.testing.assert_allclose(np.asarray(got16, np.float64), want, atol=5e-2, rtol=2e-2)
+  # Differentiated (training) it computes its coefficients another way (for its VJP's residuals): the same
+  # values to float32 rounding.
+  trained, _ = jax.vjp(lambda x: norm_ops.fused_group_norm_silu(x, *[jnp.asarray(a, jnp.float32) for a in args[1:]],
+                                                                groups), jnp.asarray(args[0], jnp.float32))
+  np.testing.assert_allclose(np.asarray(trained, np.float64), want, atol=2e-6, rtol=1e-5)
+  np.testing.assert_allclose(trained, got, atol=1e-6, rtol=1e-6)
 
 
 def test_fused_group_norm_gradient_matches_finite_differences():

@@ -31,22 +31,26 @@ def _group_sums(v, groups):
   return jnp.repeat(v.reshape(b, groups, c // groups).sum(-1), c // groups, axis=1)
 
 
-def _fused_norm_coefficients(x, scale, bias, mult, add, groups, eps, sums):
-  """Per-(sample, channel) float32 vectors: mean, 1/std, and y = x * a + b's a and b."""
+def _fused_norm_statistics(x, scale, bias, mult, add, groups, eps, sums):
+  """Per-(sample, channel) float32 vectors: mean, variance + eps, and the modulated affine's
+  gamma = scale * mult and beta = bias * mult + add."""
   h, w, c = x.shape[1:]
   n = h * w * (c // groups)
   xf = x.astype(jnp.float32)
   mean = _group_sums(map_sums(xf, sums), groups) / n
   mean_sq = _group_sums(map_sums(jnp.square(xf), sums), groups) / n
-  inv = lax.rsqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0) + eps)
+  var = jnp.maximum(mean_sq - jnp.square(mean), 0.0) + eps
   gamma = scale.astype(jnp.float32) * mult.astype(jnp.float32)           # [B, C]
   beta = bias.astype(jnp.float32) * mult.astype(jnp.float32) + add.astype(jnp.float32)
-  a = inv * gamma
-  return mean, inv, gamma, a, beta - mean * a
+  return mean, var, gamma, beta
 
 
 def _expand(v):
   return v[:, None, None, :]
+
+
+def _apply(x, a, b):
+  return nn.silu(x.astype(jnp.float32) * _expand(a) + _expand(b)).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -56,13 +60,22 @@ def fused_group_norm_silu(x, scale, bias, mult, add, groups: int, eps: float = 1
   x: [B, H, W, C]; scale, bias: [C]; mult, add: [B, C] (ones / zeros for a plain GroupNorm + SiLU); sums:
   'reduce' or 'matmul', how the per-channel sums are taken (`channel_sums.map_sums`).
   """
-  return _fused_norm_fwd(x, scale, bias, mult, add, groups, eps, sums)[0]
+  # Not differentiated (sampling, evaluation): y = x * a + b with a and b ending in a division. XLA fuses
+  # cheap [B, C] producers into the per-pixel loop and recomputes them at every pixel (the modulation's
+  # projections, the groups' repeat: 3.7x the loop's time at 16 x 32x32 x 32); a division is one it keeps
+  # apart, so the loop reads a and b. The sampling step ran 1.2x faster; the values differ from
+  # `_fused_norm_fwd`'s (which training runs, unchanged) by float32 rounding.
+  mean, var, gamma, beta = _fused_norm_statistics(x, scale, bias, mult, add, groups, eps, sums)
+  std = jnp.sqrt(var)
+  return _apply(x, gamma / std, (beta * std - mean * gamma) / std)
 
 
 def _fused_norm_fwd(x, scale, bias, mult, add, groups, eps, sums):
-  mean, inv, gamma, a, b = _fused_norm_coefficients(x, scale, bias, mult, add, groups, eps, sums)
-  out = nn.silu(x.astype(jnp.float32) * _expand(a) + _expand(b)).astype(x.dtype)
-  return out, (x, scale, bias, mult, add, mean, inv, gamma, a, b)
+  mean, var, gamma, beta = _fused_norm_statistics(x, scale, bias, mult, add, groups, eps, sums)
+  inv = lax.rsqrt(var)
+  a = inv * gamma
+  b = beta - mean * a
+  return _apply(x, a, b), (x, scale, bias, mult, add, mean, inv, gamma, a, b)
 
 
 def _fused_norm_bwd(groups, eps, sums, res, dout):
