@@ -77,8 +77,8 @@ def test_measure_latency_reports_both_sides():
 def test_measure_latency_times_variants_in_the_same_turns():
   config = base.get_config('tiny')
   rec = latency.measure_latency(config, images=2, steps=2, references=2, repeats=2, reference='torch',
-                                variants=['sampleynnon', 'sampleynnoff'])
-  assert list(rec['variants']) == ['sampleynnon', 'sampleynnoff']
+                                variants=['sampleynnon', 'sampleynnoff', 'config'])
+  assert list(rec['variants']) == ['sampleynnon', 'sampleynnoff', 'config']
   assert rec['jax'] == {**{k: v for k, v in rec['variants']['sampleynnon'].items()
                            if k not in ('speedup', 'vs_torch')}, 'variant': 'sampleynnon'}
   for name, s in rec['variants'].items():

@@ -104,7 +104,7 @@ def measure_latency(config, *, images: int = 8, steps: int = 25, references: int
                     reference: str = '', params: dict | None = None, variants: Sequence[str] = ('',),
                     log=lambda s: None) -> dict[str, Any]:
   """Warm and first-call latency of embed + generate for ours (and PyTorch's with reference='torch'); each
-  of `variants` (levers, '' the config as given) is one of ours, all timed in the same turns."""
+  of `variants` (levers; '' or 'config': the config as given) is one of ours, all timed in the same turns."""
   if images < 1 or steps < 1 or references < 1 or repeats < 1:
     raise ValueError(f'images, steps, references and repeats must be >= 1; got {images}, {steps}, '
                      f'{references}, {repeats}.')
@@ -112,7 +112,7 @@ def measure_latency(config, *, images: int = 8, steps: int = 25, references: int
     params = fixtures.model_params(config, config.seed)
   r = config.model.resolution
   refs = np.random.default_rng(0).integers(0, 256, (references, r, r, 3), dtype=np.uint8)
-  variants = list(dict.fromkeys(variants or ('',)))
+  variants = list(dict.fromkeys('' if v == 'config' else v for v in (variants or ('',))))
   names = {v: (v or 'config') for v in variants}
   sides: dict[str, Any] = {names[v]: Personalizer(levers.variant_config(config, v), params) for v in variants}
   if reference == 'torch':
@@ -190,8 +190,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_enum('reference', '', ['', 'torch'], 'also time the PyTorch twin, in turns with ours', **where)
   flags.DEFINE_string('workdir', '', "a trained run's workdir (its EMA parameters); default random ones",
                       **where)
-  flags.DEFINE_list('variants', [''], "variants of the config timed in turns (levers of perf.levers, e.g. "
-                    "'sampleynnon,sampleynnreduce'); default: the config as given", **where)
+  flags.DEFINE_list('variants', ['config'], "variants of the config timed in turns (levers of perf.levers, e.g. "
+                    "'config,sampleynnon'; 'config': the config as given, the default)", **where)
   flags.DEFINE_string('json_out', '', 'also write the JSON record here', **where)
 
 
