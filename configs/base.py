@@ -21,6 +21,11 @@ Variants combine with commas: `configs/base.py:cpu,stage0`.
 from ml_collections import config_dict
 
 
+# XLA:CPU's copy insertion with region analysis: it sees that the donated train state is last read before
+# the update writes it, and so does not copy it first (`train.compiler_options`, below).
+NO_STATE_COPIES = 'xla_cpu_copy_insertion_use_region_analysis=true'
+
+
 def _paper_config() -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.seed = 0
@@ -174,9 +179,12 @@ def _paper_config() -> config_dict.ConfigDict:
   # 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'); '' : XLA's defaults.
   # The default turns XLA:CPU's YNNPACK fusions off: they take the kernel-gradient convolutions, which then
   # run several times slower than XLA's own; the 128 px model's CPU step went from 42.6 to 24.0 s
-  # (docs/performance.md). xla_cpu_* options are left out where the step compiles for a GPU or TPU (and
-  # xla_gpu_* ones on a CPU), so one config serves every backend.
-  t.compiler_options = 'xla_cpu_experimental_ynn_fusion_type='
+  # (docs/performance.md). And XLA:CPU's region analysis in copy insertion: without it, XLA copies every
+  # donated parameter and both Adam moments before updating them in place (2.5 GB a step for the 128 px
+  # model; the update alone ran 1.58x faster, the step 1.03x; the same values, tests/test_levers.py).
+  # xla_cpu_* options are left out where the step compiles for a GPU or TPU (and xla_gpu_* ones on a CPU),
+  # so one config serves every backend.
+  t.compiler_options = f'xla_cpu_experimental_ynn_fusion_type=;{NO_STATE_COPIES}'
   t.sample_every = 20_000
   t.sample_identities = 4      # held-out identities in the periodic sample grid
   t.sample_steps = 50          # DDIM steps for the periodic grid
@@ -269,7 +277,7 @@ def _apply_cpu(c):
   # norm's per-channel sums to XLA's slow column loops (0.80x). Reductions only: 1.07-1.09x over XLA's
   # defaults, 1.03-1.09x PyTorch on an Intel Xeon (docs/performance.md). The same function (tests/test_levers.py);
   # the figures in docs/ measured before 2026-12-05 used XLA's defaults.
-  c.train.compiler_options = 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE'
+  c.train.compiler_options = f'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE;{NO_STATE_COPIES}'
   # XLA's own small convolutions and per-channel sums: the matmul forms measured 0.98x on this model (its
   # 16-32 channels are too few for them to pay), and its figures were trained so.
   c.model.small_conv = 'xla'

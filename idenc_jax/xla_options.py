@@ -69,6 +69,18 @@ def compile_lowered(lowered, options: dict[str, Any] | None, field: str):
     raise
 
 
+# Options that change how XLA places and copies buffers, not a computed value: a run continued with or without
+# them is the run trained straight through (`experiments.timed_run`'s --extend check).
+VALUE_NEUTRAL = ('xla_cpu_copy_insertion_use_region_analysis',)
+
+
+def same_values(a: str, b: str, field: str) -> bool:
+  """Whether two option texts compile the same arithmetic: equal once VALUE_NEUTRAL options are left out."""
+  def strip(text):
+    return {k: v for k, v in parse(text, field).items() if k not in VALUE_NEUTRAL}
+  return strip(a) == strip(b)
+
+
 _CHECKED: set[tuple] = set()
 
 

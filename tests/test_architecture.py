@@ -26,7 +26,8 @@ ALLOWED = {
     'personalize': {'models', 'data', 'diffusion', 'train', 'progress', 'configs', 'xla_options'},
     'evaluate': {'models', 'data', 'diffusion', 'train', 'personalize', 'progress'},
     'perf': {'models', 'data', 'diffusion', 'train', 'personalize', 'cli', 'configs', 'xla_options'},  # latency
-    'experiments': {'models', 'data', 'diffusion', 'train', 'personalize', 'evaluate', 'cli', 'progress', 'configs'},
+    'experiments': {'models', 'data', 'diffusion', 'train', 'personalize', 'evaluate', 'cli', 'progress', 'configs',
+                    'xla_options'},
     'demo': {'models', 'data', 'diffusion', 'personalize', 'cli', 'progress', 'configs'},
     'main': {'cli'},   # the modes' modules are imported by name at run time
 }

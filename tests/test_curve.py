@@ -149,7 +149,10 @@ def test_extend_continues_a_finished_run_and_times_it_from_where_it_stopped(tmp_
   # Refusals come before anything trains: a decaying learning rate (its horizon would move) and a config
   # that differs from the run's own in what shapes the weights.
   for overrides, message in (({'train.lr_schedule': 'cosine'}, 'only a constant learning rate can be extended'),
-                             ({'loss.null_identity_prob': '0.3'}, r'trained with loss.null_identity_prob=0.0; ')):
+                             ({'loss.null_identity_prob': '0.3'}, r'trained with loss.null_identity_prob=0.0; '),
+                             # YNNPACK off sums in another order: another trajectory.
+                             ({'train.compiler_options': 'xla_cpu_experimental_ynn_fusion_type='},
+                              'trained with train.compiler_options=')):
     with pytest.raises(ValueError, match=message):
       curve.run_curves(config, str(tmp_path), [('new', {}), ('a', overrides)], minutes=10, eval_every=2,
                        weights=[1.0], max_steps=4, extend=True)
@@ -158,8 +161,11 @@ def test_extend_continues_a_finished_run_and_times_it_from_where_it_stopped(tmp_
     curve.run_curves(config, str(tmp_path), [('a', {})], minutes=10, eval_every=2, weights=[1.0], extend=True)
   # The clock goes on from step 2's recorded time (set far ahead here, so a restart from zero would show).
   json.dump({'2': 1e6}, open(tmp_path / 'a' / 'clock.json', 'w'))
-  more = curve.run_curves(config, str(tmp_path), [('a', {})], minutes=10, eval_every=2, weights=[1.0], max_steps=4,
-                          extend=True)
+  # Continued without the copy-insertion option it trained with, which changes no value: still the same run.
+  neutral = config.train.compiler_options.replace(base.NO_STATE_COPIES, '')
+  assert neutral != config.train.compiler_options
+  more = curve.run_curves(config, str(tmp_path), [('a', {'train.compiler_options': neutral})], minutes=10,
+                          eval_every=2, weights=[1.0], max_steps=4, extend=True)
   points = more['curves']['a']
   assert [p['step'] for p in points] == [2, 4] and points[0] == first['curves']['a'][0]
   clock = json.load(open(tmp_path / 'a' / 'clock.json'))

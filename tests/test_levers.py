@@ -15,7 +15,8 @@ from jax import lax
 import numpy as np
 import pytest
 
-from idenc_jax import cli, models
+from configs import base
+from idenc_jax import cli, models, xla_options
 from idenc_jax.models import layers
 from idenc_jax.models.ops import attention as attention_ops
 from idenc_jax.models.ops import channel_sums as channel_sum_ops
@@ -506,12 +507,16 @@ def test_ynnpack_subsets_keep_the_model_loss_and_gradients(reference, lever):
 
 def test_paper_configs_turn_ynnpack_off_and_the_cpu_configs_keep_it_for_reductions():
   paper, cpu = (cli.load_config_file(f'configs/base.py:{v}') for v in ('paper', 'cpu'))
-  assert step_lib.compiler_options(paper) == {'xla_cpu_experimental_ynn_fusion_type': ''}
-  assert step_lib.compiler_options(cpu) == {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
-  assert step_lib.compiler_options(cpu) == step_lib.compiler_options(levers.variant_config(paper, 'ynnreduce'))
+  no_copies = {'xla_cpu_copy_insertion_use_region_analysis': True}
+  assert step_lib.compiler_options(paper) == {'xla_cpu_experimental_ynn_fusion_type': '', **no_copies}
+  assert step_lib.compiler_options(cpu) == {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE',
+                                            **no_copies}
+  # The levers set the whole option text: YNNPACK's settings alone, as they were measured.
+  assert step_lib.compiler_options(levers.variant_config(paper, 'ynnreduce')) == {
+      'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
   assert step_lib.compiler_options(levers.variant_config(cpu, 'ynnon')) is None
   assert step_lib.compiler_options(levers.variant_config(paper, 'ynnon')) is None
-  assert step_lib.compiler_options(levers.variant_config(cpu, 'ynnoff')) == step_lib.compiler_options(paper)
+  assert step_lib.compiler_options(levers.variant_config(cpu, 'ynnoff')) == {'xla_cpu_experimental_ynn_fusion_type': ''}
   # An XLA:CPU option is left out where the step compiles for a GPU or TPU (and a GPU option on a CPU).
   assert step_lib.compiler_options(paper, platform='gpu') is None
   assert step_lib.compiler_options(paper, platform='tpu') is None
@@ -519,6 +524,32 @@ def test_paper_configs_turn_ynnpack_off_and_the_cpu_configs_keep_it_for_reductio
                      'xla_cpu_enable_fast_math=false;xla_gpu_enable_latency_hiding_scheduler=true'})
   assert step_lib.compiler_options(both, platform='gpu') == {'xla_gpu_enable_latency_hiding_scheduler': True}
   assert step_lib.compiler_options(both) == {'xla_cpu_enable_fast_math': False}     # here: the CPU
+
+
+def test_copy_insertion_region_analysis_drops_the_state_copies_and_changes_no_value():
+  """The configs' xla_cpu_copy_insertion_use_region_analysis: without it XLA:CPU copies each donated
+  parameter and Adam moment before the in-place update; with it, none, and three train steps from the same
+  state end in the same state, bit for bit."""
+  config = cli.load_config_file('configs/base.py:tiny')
+  assert base.NO_STATE_COPIES in config.train.compiler_options
+  without = cli.apply_overrides(config, {
+      'train.compiler_options': config.train.compiler_options.replace(base.NO_STATE_COPIES, '')})
+  states = {}
+  for name, c in (('with', config), ('without', without)):
+    state, optimizer = fixtures.build_state(c)
+    batches = [fixtures.synthetic_batch(c, seed) for seed in range(3)]
+    lowered = jax.jit(step_lib.make_train_step(c, optimizer), donate_argnums=(0,)).lower(state, batches[0])
+    compiled = step_lib.compile_with_options(lowered, c, FAST_COMPILE)
+    copies = compiled.as_text().count(' copy(%state_params')
+    assert (copies == 0) if name == 'with' else (copies > 0 or jax.__version_info__ >= (0, 11)), (name, copies)
+    for batch in batches:
+      state, metrics = compiled(state, batch)
+    assert float(metrics['finite']) == 1.0
+    states[name] = jax.device_get(state)
+  for a, b in zip(jax.tree.leaves(states['with']), jax.tree.leaves(states['without'])):
+    np.testing.assert_array_equal(a, b)
+  assert xla_options.same_values(config.train.compiler_options, without.train.compiler_options, 'f')
+  assert not xla_options.same_values(config.train.compiler_options, 'xla_cpu_experimental_ynn_fusion_type=', 'f')
 
 
 def test_compiler_options_parse_and_reject_malformed_entries():

@@ -12,7 +12,7 @@ import time
 
 from absl import logging
 
-from idenc_jax import cli
+from idenc_jax import cli, xla_options
 from idenc_jax.train import checkpoint as ckpt_lib
 from idenc_jax.train import loop
 
@@ -82,7 +82,8 @@ def to_extend(config, workdir: str) -> bool:
   # Fields one side lacks (added to the config after the run trained) are not counted as changes.
   changed = {k: old for k, (old, new) in loop.config_changes(config, workdir).items()
              if k.split('.')[0] in _TRAINING_SECTIONS and k not in _EXTEND_MAY_CHANGE
-             and old is not None and new is not None}
+             and old is not None and new is not None
+             and not (k == 'train.compiler_options' and xla_options.same_values(old, new, k))}
   if changed:
     raise ValueError(f'{workdir} was trained with ' + ', '.join(f'{k}={old!r}' for k, old in changed.items()) +
                      '; a continued run must keep them (pass the same config and overrides as its first run).')
