@@ -215,8 +215,8 @@ def _paper_config() -> config_dict.ConfigDict:
   s.consistent = False         # data consistency inside the sampler (idenc_jax/diffusion/consistency.py)
   # Identity guidance weight w (idenc_jax/diffusion/guidance.py): 1 none; > 1 needs loss.null_identity_prob > 0.
   s.guidance = 1.0
-  # XLA options for compiling every inference call (the encoder, the samplers: sampling, evaluation, training's
-  # sample grids), as train.compiler_options does for the train step; '' : XLA's defaults. XLA:CPU's YNNPACK
+  # XLA options for compiling the model's inference calls (the encoder, the samplers: sampling, evaluation,
+  # training's sample grids), as train.compiler_options does for the train step; '' : XLA's defaults. XLA:CPU's YNNPACK
   # for reductions only (the norms' sums; convolutions stay XLA's own): personalizing ran 1.08-1.10x faster
   # than with XLA's defaults at 32 px and 1.14x at 128 px (docs/performance.md). Left out on GPUs and TPUs.
   s.compiler_options = 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE'

@@ -75,7 +75,9 @@ VALUE_NEUTRAL = ('xla_cpu_copy_insertion_use_region_analysis',)
 
 
 def same_values(a: str, b: str, field: str) -> bool:
-  """Whether two option texts compile the same arithmetic: equal once VALUE_NEUTRAL options are left out."""
+  """Whether two option texts compile the same arithmetic: equal once VALUE_NEUTRAL options are left out.
+  As everywhere here, options of another platform's compiler are left out too (a CPU run continued on a GPU
+  compares their GPU options only)."""
   def strip(text):
     return {k: v for k, v in parse(text, field).items() if k not in VALUE_NEUTRAL}
   return strip(a) == strip(b)

@@ -39,11 +39,12 @@ def test_torch_ddim_equals_our_sampler(variant, guidance, steps):
                               torch.from_numpy(np.ascontiguousarray(x_T.transpose(0, 3, 1, 2))), guidance)
   theirs = theirs.numpy().transpose(0, 2, 3, 1)
   assert np.abs(np.asarray(ours)).max() > 0.1   # images, not a constant
-  # float32 rounding of the two models (their outputs agree to 4e-6), amplified by x0 = r x - rm1 eps at the
-  # noisy steps and by guidance (w eps_c - (w - 1) eps_u): at w = 3 on an AVX-512 machine single pixels reached
-  # 1.7e-3, and 4.0e-3 once the fused norm sampled with its inference form (as accurate against float64
-  # numpy as the training form; another rounding). So all but 0.1% of the pixels within 2e-3, a quarter
-  # of one uint8 level (2 / 255), every pixel within one level, and the mean far below.
+  # float32 rounding of the two models (their outputs agree to 4e-6; tests/test_torch_reference.py checks
+  # them), amplified by x0 = r x - rm1 eps at the noisy steps and by guidance (w eps_c - (w - 1) eps_u): at
+  # w = 3 on an AVX-512 machine single pixels reached 1.7e-3, and 4.0e-3 once the fused norm sampled with its
+  # inference form (as accurate against float64 numpy as the training form; another rounding). So all but
+  # 0.1% of the pixels within 2e-3, a quarter of one uint8 level (2 / 255), every pixel within one level,
+  # and the mean far below.
   diff = np.abs(theirs - np.asarray(ours))
   assert np.quantile(diff, 0.999) < 2e-3, np.quantile(diff, 0.999)
   assert diff.max() < 2 / 255, diff.max()
@@ -89,6 +90,9 @@ def test_measure_latency_times_variants_in_the_same_turns():
     assert s['vs_torch'] == pytest.approx(rec['torch']['total_ms'] / s['total_ms'])
     assert f'| jax {name} |' in latency.format_table(rec)
   assert rec['variants']['sampleynnon']['speedup'] == 1.0
+  # Variants that sampling cannot tell apart (a train-only lever) would time one program twice: refused.
+  with pytest.raises(ValueError, match="'config' and 'ynnoff' compile the same sampling programs"):
+    latency.measure_latency(config, images=1, steps=1, references=1, repeats=1, variants=['config', 'ynnoff'])
   # Without variants: the config as given, one row.
   rec = latency.measure_latency(config, images=1, steps=1, references=1, repeats=1)
   assert 'variants' not in rec and rec['jax']['variant'] == 'config' and '| jax |' in latency.format_table(rec)

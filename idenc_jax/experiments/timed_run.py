@@ -83,7 +83,7 @@ def to_extend(config, workdir: str) -> bool:
   changed = {k: old for k, (old, new) in loop.config_changes(config, workdir).items()
              if k.split('.')[0] in _TRAINING_SECTIONS and k not in _EXTEND_MAY_CHANGE
              and old is not None and new is not None
-             and not (k == 'train.compiler_options' and xla_options.same_values(old, new, k))}
+             and not (k == 'train.compiler_options' and xla_options.same_values(old, new, 'config.' + k))}
   if changed:
     raise ValueError(f'{workdir} was trained with ' + ', '.join(f'{k}={old!r}' for k, old in changed.items()) +
                      '; a continued run must keep them (pass the same config and overrides as its first run).')

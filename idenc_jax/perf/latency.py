@@ -115,6 +115,12 @@ def measure_latency(config, *, images: int = 8, steps: int = 25, references: int
   variants = list(dict.fromkeys('' if v == 'config' else v for v in (variants or ('',))))
   names = {v: (v or 'config') for v in variants}
   sides: dict[str, Any] = {names[v]: Personalizer(levers.variant_config(config, v), params) for v in variants}
+  programs: dict[str, str] = {}
+  for name, side in sides.items():   # two variants of one compiled program would time it twice
+    if side.program_key in programs:
+      raise ValueError(f'variants {programs[side.program_key]!r} and {name!r} compile the same sampling programs '
+                       '(they differ only in fields sampling does not read); time one of them.')
+    programs[side.program_key] = name
   if reference == 'torch':
     sides['torch'] = TorchPersonalizer(config, params)
   times: dict[str, dict[str, list[float]]] = {k: {'embed': [], 'generate': []} for k in sides}
@@ -142,7 +148,7 @@ def measure_latency(config, *, images: int = 8, steps: int = 25, references: int
   record: dict[str, Any] = {
       'host': measure.host_info(), 'resolution': r, 'images': images, 'steps': steps, 'references': references,
       'guidance': guidance, 'model_calls_per_step_batch': images * (1 if guidance == 1.0 else 2),
-      'repeats': repeats, 'statistic': 'median', 'jax': jax.__version__}
+      'repeats': repeats, 'statistic': 'median', 'jax_version': jax.__version__}
   stats = {}
   for name in sides:
     e, g = np.median(times[name]['embed']), np.median(times[name]['generate'])

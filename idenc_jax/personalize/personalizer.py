@@ -135,6 +135,11 @@ class Personalizer:
     return cls(config, params)
 
   @property
+  def program_key(self) -> str:
+    """What its compiled calls are cached under: Personalizers with equal keys share their executables."""
+    return self._key
+
+  @property
   def fingerprint(self) -> str:
     """A short id of this model's parameters (sha256 of the generator's and encoder's arrays), recorded beside
     saved embeddings so that another model refuses them."""

@@ -60,11 +60,12 @@ def fused_group_norm_silu(x, scale, bias, mult, add, groups: int, eps: float = 1
   x: [B, H, W, C]; scale, bias: [C]; mult, add: [B, C] (ones / zeros for a plain GroupNorm + SiLU); sums:
   'reduce' or 'matmul', how the per-channel sums are taken (`channel_sums.map_sums`).
   """
-  # Not differentiated (sampling, evaluation): y = x * a + b with a and b ending in a division. XLA fuses
-  # cheap [B, C] producers into the per-pixel loop and recomputes them at every pixel (the modulation's
-  # projections, the groups' repeat: the norm took 2.20 ms at 16 x 32x32 x 32, 0.56 with a and b given);
-  # a division it keeps apart, so the loop reads a and b. The sampling step ran 1.2x faster; the values
-  # differ from `_fused_norm_fwd`'s (which training runs, unchanged) by float32 rounding.
+  # Where no gradient reaches the op (sampling, evaluation, and in stage-2 training the frozen stage-1 parts
+  # upstream of every trainable layer): y = x * a + b with a and b ending in a division. XLA fuses cheap
+  # [B, C] producers into the per-pixel loop and recomputes them at every pixel (the modulation's projections,
+  # the groups' repeat: the norm took 2.20 ms at 16 x 32x32 x 32, 0.56 with a and b given); a division it
+  # keeps apart, so the loop reads a and b. The sampling step ran 1.2x faster; the values differ from
+  # `_fused_norm_fwd`'s (which runs wherever a gradient flows: all of stage 0/1 training) by float32 rounding.
   mean, var, gamma, beta = _fused_norm_statistics(x, scale, bias, mult, add, groups, eps, sums)
   std = jnp.sqrt(var)
   return _apply(x, gamma / std, (beta * std - mean * gamma) / std)
