@@ -57,15 +57,16 @@ def from_config(config, part: str, extra: dict[str, Any] | None = None,
   return {**options, **(extra or {})} or None
 
 
-def compile_lowered(lowered, options: dict[str, Any] | None, field: str):
-  """`lowered.compile(options)`; an option XLA rejects (a misspelt name, a value of the wrong kind) is a
-  one-line ValueError naming `field`, not XLA's runtime error."""
+def compile_lowered(lowered, config, part: str, extra: dict[str, Any] | None = None):
+  """`lowered.compile` with `from_config(config, part, extra)`; an option XLA rejects (a misspelt name, a value
+  of the wrong kind) is a one-line ValueError naming the field, not XLA's runtime error."""
+  options = from_config(config, part, extra)
   try:
     return lowered.compile(options)
   except jax.errors.JaxRuntimeError as e:
     message = str(e).split('\n')[0]
     if options and message.startswith('INVALID_ARGUMENT') and 'option' in message:
-      raise ValueError(f'{field} / compiler options {sorted(options)}: XLA says {message}') from e
+      raise ValueError(f'{field_name(part)} / compiler options {sorted(options)}: XLA says {message}') from e
     raise
 
 
@@ -93,6 +94,6 @@ def checked(config, part: str) -> dict[str, Any] | None:
   options = from_config(config, part)
   key = tuple(sorted((options or {}).items()))
   if options and key not in _CHECKED:
-    compile_lowered(jax.jit(lambda x: x + 1).lower(jnp.zeros((), jnp.float32)), options, field_name(part))
+    compile_lowered(jax.jit(lambda x: x + 1).lower(jnp.zeros((), jnp.float32)), config, part)
     _CHECKED.add(key)
   return options

@@ -142,6 +142,5 @@ def compile_sample_step(config, params, batch: int):
   z = None if config.stage == 0 else jax.random.normal(keys[2], (batch, config.model.embed_dim))
   fn = jax.jit(lambda p, x, t, z: gen.apply({'params': p}, x, t, z))
   t0 = time.perf_counter()
-  compiled = xla_options.compile_lowered(fn.lower(params, x, t, z), xla_options.from_config(config, 'sample'),
-                                        xla_options.field_name('sample'))
+  compiled = xla_options.compile_lowered(fn.lower(params, x, t, z), config, 'sample')
   return compiled, (params, x, t, z), time.perf_counter() - t0

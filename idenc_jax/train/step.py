@@ -23,7 +23,7 @@ def compiler_options(config, extra: dict[str, Any] | None = None,
 def compile_with_options(lowered, config, extra: dict[str, Any] | None = None):
   """`lowered.compile` with `compiler_options(config, extra)`; an option XLA rejects is a one-line
   ValueError naming config.train.compiler_options."""
-  return xla_options.compile_lowered(lowered, compiler_options(config, extra), xla_options.field_name('train'))
+  return xla_options.compile_lowered(lowered, config, 'train', extra)
 
 
 def make_train_step(config, optimizer: optax.GradientTransformation):
