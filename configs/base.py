@@ -68,13 +68,14 @@ def _paper_config() -> config_dict.ConfigDict:
   # 3x3 convolutions on maps of at most 4x4 pixels: 'xla' (XLA's own) or 'matmul' (one matmul over the nine
   # taps; XLA:CPU's own ran 14x slower on 2x2 maps). Same function, different schedule.
   # Per-channel sums over a map (the fused norm's statistics and gradients, every convolution's bias
-  # gradient): 'reduce' (XLA's reductions) or 'matmul' (ones @ rows; XLA:CPU's column reductions ran
+  # gradient): 'reduce' (XLA's reductions) or 'matmul' (ones @ rows; XLA:CPU's own column reductions ran
   # 2-12x slower at 32+ channels; idenc_jax/models/ops/channel_sums.py). Same sums, another order.
   # 'auto' (here and for group_norm): the CPU's fast form where jax's default backend is the CPU, XLA's own
-  # ('flax' / 'xla' / 'reduce') elsewhere. With the fused norm, the two matmul forms made the base model's
-  # CPU train step 1.29x faster (like for like, tcmalloc on both sides; docs/performance.md).
+  # ('flax' / 'xla' / 'reduce') elsewhere; for the sums that is 'matmul', the fast form where XLA:CPU compiles
+  # reductions itself. With YNNPACK taking the reductions (train.compiler_options below) 'reduce' is faster
+  # on every backend: the base model's fused norm 2x faster alone, its CPU step 1.08x (docs/performance.md).
   m.small_conv = 'auto'
-  m.channel_sums = 'auto'
+  m.channel_sums = 'reduce'
 
   # ---- Identity encoder Enc (paper appendix A). ----------------------------------------------------------
   c.encoder = e = config_dict.ConfigDict()
@@ -177,14 +178,15 @@ def _paper_config() -> config_dict.ConfigDict:
   t.time_budget_minutes = 0.0   # > 0: stop (with a checkpoint) after this much wall time; 0: train.num_steps
   # XLA options for compiling the train step, 'name=value;name=value' (e.g. XLA:CPU's library fusions,
   # 'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'); '' : XLA's defaults.
-  # The default turns XLA:CPU's YNNPACK fusions off: they take the kernel-gradient convolutions, which then
-  # run several times slower than XLA's own; the 128 px model's CPU step went from 42.6 to 24.0 s
-  # (docs/performance.md). And XLA:CPU's region analysis in copy insertion: without it, XLA copies every
-  # donated parameter and both Adam moments before updating them in place (2.5 GB a step for the 128 px
-  # model; the update alone ran 1.58x faster, the step 1.03x; the same values, tests/test_levers.py).
-  # xla_cpu_* options are left out where the step compiles for a GPU or TPU (and xla_gpu_* ones on a CPU),
-  # so one config serves every backend.
-  t.compiler_options = f'xla_cpu_experimental_ynn_fusion_type=;{NO_STATE_COPIES}'
+  # The default gives XLA:CPU's YNNPACK library the reductions only. XLA's default also hands it the
+  # kernel-gradient convolutions, which then run several times slower than XLA's own (the 128 px model's CPU
+  # step: 42.6 s with them, 24.0 s with YNNPACK off); its reductions are the fast column sums that
+  # model.channel_sums='reduce' needs (docs/performance.md). And XLA:CPU's region analysis in copy insertion:
+  # without it, XLA copies every donated parameter and both Adam moments before updating them in place (2.5 GB
+  # a step for the 128 px model; the update alone ran 1.58x faster, the step 1.03x; the same values,
+  # tests/test_levers.py). xla_cpu_* options are left out where the step compiles for a GPU or TPU (and
+  # xla_gpu_* ones on a CPU), so one config serves every backend.
+  t.compiler_options = f'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE;{NO_STATE_COPIES}'
   t.sample_every = 20_000
   t.sample_identities = 4      # held-out identities in the periodic sample grid
   t.sample_steps = 50          # DDIM steps for the periodic grid
@@ -272,16 +274,13 @@ def _apply_cpu(c):
   c.data.synthetic_images_per_identity = 12
   c.data.synthetic_agnostic_images = 2048
   c.train.batch_size = 16        # 32 trains fewer images per second on 2 cores
-  # XLA:CPU's YNNPACK library for reductions only. XLA's default also hands it the matmuls and the
-  # convolutions of 32+ channels, which XLA's own run faster here; turning it off altogether leaves the fused
-  # norm's per-channel sums to XLA's slow column loops (0.80x). Reductions only: 1.07-1.09x over XLA's
-  # defaults, 1.03-1.09x PyTorch on an Intel Xeon (docs/performance.md). The same function (tests/test_levers.py);
-  # the figures in docs/ measured before 2026-12-05 used XLA's defaults.
-  c.train.compiler_options = f'xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE;{NO_STATE_COPIES}'
-  # XLA's own small convolutions and per-channel sums: the matmul forms measured 0.98x on this model (its
-  # 16-32 channels are too few for them to pay), and its figures were trained so.
+  # train.compiler_options as the paper configs (YNNPACK for reductions only): on this model 1.07-1.09x over
+  # XLA's defaults, 1.03-1.09x PyTorch on an Intel Xeon (docs/performance.md); turning YNNPACK off altogether
+  # leaves the per-channel sums to XLA's slow column loops (0.80x). The figures in docs/ measured before
+  # 2026-12-05 used XLA's defaults.
+  # XLA's own small convolutions: the matmul form measured 0.98x on this model (its 16-32 channels are too
+  # few for it to pay), and its figures were trained so.
   c.model.small_conv = 'xla'
-  c.model.channel_sums = 'reduce'
   # An agnostic quarter: the agnostic loss weighs only a2 = 0.01, and a quarter instead of the paper's half
   # raised oracle top-1 on all four seeds measured (docs/training.md).
   c.data.agnostic_fraction = 0.25

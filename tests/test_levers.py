@@ -354,15 +354,18 @@ def test_small_conv_takes_the_matmul_form_only_on_small_maps(size, small_conv, i
 
 
 def test_auto_takes_the_cpu_forms_on_a_cpu_only(monkeypatch):
-  """The paper configs' 'auto' norm, sums and small convolutions: the fast forms on a CPU, XLA's own on an
-  accelerator; the cpu configs name XLA's own everywhere (their figures were measured so)."""
+  """The paper configs' 'auto' norm and small convolutions: the fast forms on a CPU, XLA's own on an
+  accelerator; their sums are XLA's reductions everywhere (YNNPACK takes them on a CPU), and 'auto' sums are
+  the matmul form on a CPU only. The cpu configs name XLA's own convolutions (their figures were measured so)."""
   paper = cli.load_config_file('configs/base.py').model
   cpu = cli.load_config_file('configs/base.py:cpu').model
-  cpu_forms = {'conv_grad': 'xla', 'group_norm': 'fused', 'small_conv': 'matmul', 'channel_sums': 'matmul'}
+  cpu_forms = {'conv_grad': 'xla', 'group_norm': 'fused', 'small_conv': 'matmul', 'channel_sums': 'reduce'}
   xla_forms = {'conv_grad': 'xla', 'group_norm': 'flax', 'small_conv': 'xla', 'channel_sums': 'reduce'}
   assert jax.default_backend() == 'cpu'
   assert models.op_choices(paper) == cpu_forms
   assert models.op_choices(cpu) == {**xla_forms, 'group_norm': 'fused'}
+  paper.channel_sums = 'auto'
+  assert models.op_choices(paper)['channel_sums'] == 'matmul'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert models.op_choices(paper) == xla_forms
   assert models.build_generator(cli.load_config_file('configs/base.py')).channel_sums == 'reduce'
@@ -505,15 +508,16 @@ def test_ynnpack_subsets_keep_the_model_loss_and_gradients(reference, lever):
   _assert_model_close(reference, levers.LEVERS[lever], 1e-4, 1e-3)
 
 
-def test_paper_configs_turn_ynnpack_off_and_the_cpu_configs_keep_it_for_reductions():
+def test_paper_and_cpu_configs_keep_ynnpack_for_reductions_only():
   paper, cpu = (cli.load_config_file(f'configs/base.py:{v}') for v in ('paper', 'cpu'))
-  no_copies = {'xla_cpu_copy_insertion_use_region_analysis': True}
-  assert step_lib.compiler_options(paper) == {'xla_cpu_experimental_ynn_fusion_type': '', **no_copies}
-  assert step_lib.compiler_options(cpu) == {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE',
-                                            **no_copies}
+  want = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE',
+          'xla_cpu_copy_insertion_use_region_analysis': True}
+  assert step_lib.compiler_options(paper) == want
+  assert step_lib.compiler_options(cpu) == want
   # The levers set the whole option text: YNNPACK's settings alone, as they were measured.
   assert step_lib.compiler_options(levers.variant_config(paper, 'ynnreduce')) == {
       'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
+  assert step_lib.compiler_options(levers.variant_config(paper, 'ynnoff')) == {'xla_cpu_experimental_ynn_fusion_type': ''}
   assert step_lib.compiler_options(levers.variant_config(cpu, 'ynnon')) is None
   assert step_lib.compiler_options(levers.variant_config(paper, 'ynnon')) is None
   assert step_lib.compiler_options(levers.variant_config(cpu, 'ynnoff')) == {'xla_cpu_experimental_ynn_fusion_type': ''}

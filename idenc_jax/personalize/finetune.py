@@ -53,7 +53,7 @@ def make_finetuner(config, *, steps: int | None = None):
 
   Inputs are not donated: the caller's parameters stay intact. One compiled function per architecture and
   fine-tuning setting is shared. It compiles with the train step's `config.train.compiler_options` (the
-  paper configs turn XLA:CPU's YNNPACK fusions off; fine-tuning runs the same kernel gradients), which the
+  configs keep XLA:CPU's YNNPACK fusions from the kernel gradients, which fine-tuning runs too), which the
   training run has already validated; being a top-level jit with options, it cannot be nested in another jit.
   """
   ft = config.finetune
