@@ -13,7 +13,6 @@ import jax.numpy as jnp
 
 from idenc_jax.models.ops.attention import dot_product_attention
 from idenc_jax.models.ops.conv import Conv, conv3x3  # noqa: F401 (conv3x3: the networks take it from here)
-from idenc_jax.models.ops import resample
 from idenc_jax.models.ops.group_norm import FusedGroupNormSiLU, group_norm, norm_silu
 
 Dtype = Any
@@ -51,9 +50,10 @@ def block_cls(cls, remat: bool):
 
 def _resample(h, mode):
   if mode == 'down':
-    return resample.downsample2x(h)
+    b, hh, ww, c = h.shape
+    return h.reshape(b, hh // 2, 2, ww // 2, 2, c).mean(axis=(2, 4))
   if mode == 'up':
-    return resample.upsample2x(h)
+    return jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
   return h
 
 
