@@ -49,14 +49,10 @@ def apply(config, optimizer: optax.GradientTransformation, state, grads, loss: j
     g, p, e, unravel = grads, state.params, state.ema_params, lambda tree: tree
   grad_norm = optax.tree.norm(g)
   updates, opt_state = optimizer.update(g, state.opt_state, p)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  # The EMA reads the new parameters as written (through a barrier) rather than XLA recomputing them from
-  # the old parameters and the update: on XLA:CPU, which fuses each output into its own loop, that recompute
-  # kept the update direction as a full-size temporary read twice. The same values: where the step is
-  # kept, the kept parameters are the new ones.
-  new_p = jax.lax.optimization_barrier(keep(optax.apply_updates(p, updates), p))
+  new_p = optax.apply_updates(p, updates)
   # e + (1-d)(p-e) rather than d*e + (1-d)*p: equal in exact arithmetic, but this form leaves an
   # unchanged parameter's average bit-identical (stage 2's frozen weights), which the other rounds.
   new_e = jax.tree.map(lambda e_, p_: e_ + (1.0 - decay) * (p_ - e_), e, new_p)
-  return unravel(new_p), unravel(keep(new_e, e)), keep(opt_state, state.opt_state), grad_norm, finite
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  return unravel(keep(new_p, p)), unravel(keep(new_e, e)), keep(opt_state, state.opt_state), grad_norm, finite
