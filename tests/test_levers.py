@@ -517,7 +517,8 @@ def test_paper_and_cpu_configs_keep_ynnpack_for_reductions_only():
   # The levers set the whole option text: YNNPACK's settings alone, as they were measured.
   assert step_lib.compiler_options(levers.variant_config(paper, 'ynnreduce')) == {
       'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE'}
-  assert step_lib.compiler_options(levers.variant_config(paper, 'ynnoff')) == {'xla_cpu_experimental_ynn_fusion_type': ''}
+  off = {'xla_cpu_experimental_ynn_fusion_type': ''}
+  assert step_lib.compiler_options(levers.variant_config(paper, 'ynnoff')) == off
   assert step_lib.compiler_options(levers.variant_config(cpu, 'ynnon')) is None
   assert step_lib.compiler_options(levers.variant_config(paper, 'ynnon')) is None
   assert step_lib.compiler_options(levers.variant_config(cpu, 'ynnoff')) == {'xla_cpu_experimental_ynn_fusion_type': ''}

@@ -7,9 +7,9 @@ mmsums / reducesums (model.channel_sums: per-channel sums over maps as matmuls /
 mmsmall / xlasmall (model.small_conv: 3x3 convolutions on maps of at most 4x4 as one matmul / XLA's own),
 flat / perarray (train.flat_update: the optimizer, EMA and guard on one flat vector or array by array),
 ynnconv / xnnconv / onednnconv (XLA:CPU's YNNPACK / XNNPACK / oneDNN convolutions, train.compiler_options),
-ynnoff / ynnon (no YNNPACK fusions at all, the paper configs' earlier setting / XLA:CPU's own
-defaults, which hand the kernel-gradient convolutions to YNNPACK), ynnreduce / ynnnoconv (YNNPACK for reductions
-only, the paper and `cpu` configs' setting / for reductions and matmuls), sampleynnon / sampleynnoff / sampleynnreduce (the same for
+ynnoff / ynnon (no YNNPACK fusions at all, the paper configs' earlier setting / XLA:CPU's own defaults, which
+hand the kernel-gradient convolutions to YNNPACK), ynnreduce / ynnnoconv (YNNPACK for reductions only, the paper
+and `cpu` configs' setting / for reductions and matmuls), sampleynnon / sampleynnoff / sampleynnreduce (the same for
 sample.compiler_options, the model's inference calls: `perf.latency --variants`). An option lever sets the whole
 option text, as these settings were measured: it leaves out the configs' copy-insertion option
 (`configs.base.NO_STATE_COPIES`), which changes no value but saves the train state's copies;
