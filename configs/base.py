@@ -72,8 +72,8 @@ def _paper_config() -> config_dict.ConfigDict:
   # 2-12x slower at 32+ channels; idenc_jax/models/ops/channel_sums.py). Same sums, another order.
   # 'auto' (here and for group_norm): the CPU's fast form where jax's default backend is the CPU, XLA's own
   # ('flax' / 'xla' / 'reduce') elsewhere; for the sums that is 'matmul', the fast form where XLA:CPU compiles
-  # reductions itself. With YNNPACK taking the reductions (train.compiler_options below) 'reduce' is faster
-  # on every backend: the base model's fused norm 2x faster alone, its CPU step 1.08x (docs/performance.md).
+  # reductions itself. With YNNPACK taking the reductions (train.compiler_options below) 'reduce' is the fast
+  # form on a CPU too: the base model's fused norm 2x faster alone, its CPU step 1.06-1.09x (docs/performance.md).
   m.small_conv = 'auto'
   m.channel_sums = 'reduce'
 

@@ -2,8 +2,9 @@
 
 Two fields: `config.train.compiler_options` (the train step and fine-tuning, which run backward passes) and
 `config.sample.compiler_options` (every inference call: the encoder, the samplers, the restorer's condition
-encoder). They are apart because the best settings differ: on XLA:CPU the paper configs' 128 px kernel
-gradients want YNNPACK off, a forward pass has none (docs/performance.md).
+encoder). They are apart because the best settings can differ: a backward pass has kernel-gradient
+convolutions, which on XLA:CPU run several times slower in YNNPACK than in XLA's own form, a forward pass has
+none (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ def test_compare_times_and_evaluates_both_methods(tmp_path):
 
 
 def test_finetuning_compiles_with_the_train_steps_compiler_options():
-  # The paper configs turn XLA:CPU's YNNPACK fusions off for their kernel gradients (docs/performance.md);
+  # The configs keep XLA:CPU's YNNPACK fusions from their kernel gradients (docs/performance.md);
   # fine-tuning runs the same gradients, so it compiles with the same options. 32 channels: the width from
   # which jax 0.10's default hands kernel gradients to YNNPACK.
   def compiled_text(options):
