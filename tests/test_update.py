@@ -1,6 +1,6 @@
 """The parameter update (optimizer, EMA, non-finite guard), per array and on one flat vector, against AdamW,
 the global-norm clip and the EMA written out in numpy; the flat layout's optimizer state; and a checkpoint
-resumed with the other layout, which is refused with a message naming the field."""
+resumed with the other layout, whose moments are converted exactly."""
 
 import jax
 import numpy as np
@@ -107,13 +107,50 @@ def test_stage2_and_fsdp_refuse_the_flat_update():
     update_lib.is_flat(config)
 
 
-def test_a_checkpoint_resumes_only_with_its_own_layout(tmp_path):
-  workdir = str(tmp_path)
-  loop.train_and_evaluate(tt.tiny_config(**{'train.num_steps': 1, 'train.checkpoint_every': 1,
-                                            'train.flat_update': True}), workdir)
-  other = tt.tiny_config(**{'train.num_steps': 2, 'train.flat_update': False})
-  with pytest.raises(ValueError, match=r'optimizer state is laid out otherwise .*config.train.flat_update.*'
-                                       r'train.flat_update: True -> False'):
-    loop.train_and_evaluate(other, workdir)
-  # The same layout resumes and trains on.
-  loop.train_and_evaluate(tt.tiny_config(**{'train.num_steps': 2, 'train.flat_update': True}), workdir)
+def _moments(saved: dict) -> tuple[np.ndarray, np.ndarray]:
+  """Adam's (mu, nu) in a checkpoint read back with `tt.read_state`, as flat vectors: a per-array checkpoint's
+  arrays concatenated in the parameters' order, written out here with numpy."""
+  adam = saved['opt_state'][1][0]   # chain(clip, adamw) -> adamw's chain -> scale_by_adam's state
+  mu, nu = (adam['mu'], adam['nu']) if isinstance(adam, dict) else (adam.mu, adam.nu)   # read back, or optax's
+  join = lambda m: m if isinstance(m, np.ndarray) else np.concatenate([a.ravel() for a in jax.tree.leaves(m)])
+  return join(mu), join(nu)
+
+
+def test_relayout_moves_the_moments_exactly():
+  config = _config(False)
+  state, optimizer = fixtures.build_state(config)
+  rng = np.random.default_rng(0)
+  grads = jax.tree.map(lambda x: rng.normal(0, 0.1, x.shape).astype(np.float32), state.params)
+  opt_state = jax.jit(lambda s, g: update_lib.apply(config, optimizer, s, g, np.float32(1.0), 0.5)[2])(state, grads)
+  flat_config = _config(True)
+  flat = update_lib.relayout_opt_state(flat_config, optimizer, state.params, opt_state)
+  mu, nu = _moments({'opt_state': jax.tree.map(np.asarray, opt_state)})
+  flat_mu, flat_nu = _moments({'opt_state': jax.tree.map(np.asarray, flat)})
+  np.testing.assert_array_equal(flat_mu, mu)
+  np.testing.assert_array_equal(flat_nu, nu)
+  assert np.abs(mu).sum() > 0
+  back = update_lib.relayout_opt_state(config, optimizer, state.params, flat)
+  assert jax.tree.structure(back) == jax.tree.structure(opt_state)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(opt_state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_checkpoint_resumes_with_the_other_layout(tmp_path):
+  # Per array for a step, then flat (a workdir written before the `cpu` configs took the flat update), against
+  # a run per array throughout: the same function to float32 rounding (the layouts' sums differ in order), so
+  # Adam's moments and the parameters agree to 1e-5 relative, which a lost or shuffled moment would not.
+  mixed, straight = str(tmp_path / 'mixed'), str(tmp_path / 'straight')
+  run = lambda workdir, steps, flat: loop.train_and_evaluate(tt.tiny_config(**{
+      'train.num_steps': steps, 'train.checkpoint_every': 1, 'train.warmup_steps': 1,
+      'train.flat_update': flat}), workdir)
+  run(mixed, 1, False)
+  run(mixed, 3, True)
+  run(straight, 3, False)
+  got, want = tt.read_state(mixed), tt.read_state(straight)
+  assert isinstance(got['opt_state'][1][0]['mu'], np.ndarray)   # written with the layout it ran with
+  for g, w in zip(_moments(got), _moments(want)):
+    assert np.abs(w).max() > 0
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7 * np.abs(w).max())
+  got_params = tt.flat(got['params'])
+  for k, w in tt.flat(want['params']).items():
+    np.testing.assert_allclose(got_params[k], w, rtol=1e-5, atol=1e-6, err_msg=k)

@@ -1,5 +1,6 @@
 """train_and_evaluate: the training loop (mesh, input, state, compiled step, checkpoints, metrics, samples)."""
 
+import functools
 import io
 import json
 import logging
@@ -25,6 +26,7 @@ from idenc_jax.train.run_control import ETA, PreemptionFlag, TimeBudget, format_
 from idenc_jax.train import sharding as sharding_lib
 from idenc_jax.train import state as state_lib
 from idenc_jax.train import step as step_lib
+from idenc_jax.train import update as update_lib
 
 
 class NonFiniteLossError(RuntimeError):
@@ -104,9 +106,12 @@ def initial_state(config, mesh, checkpointer, data_position):
                                     abstract, shardings)
 
     def resume(step_dir):
-      check_resumable(config, abstract, step_dir, checkpointer.workdir)
+      other_layout = check_resumable(config, abstract, step_dir, checkpointer.workdir)
       logging.info('Resuming from the workdir checkpoint at step %s.', step_dir.name)
-      return checkpointer.restore(int(step_dir.name), abstract_sharded, data_position)
+      if not other_layout:
+        return checkpointer.restore(int(step_dir.name), abstract_sharded, data_position)
+      return _restore_other_layout(config, abstract, shardings, mesh, checkpointer, int(step_dir.name),
+                                   data_position)
     # A damaged newest step (a truncated file, flipped bytes) falls back to the one before, with a warning; the
     # damaged ones are set aside (not deleted), as training will save at their step numbers again.
     damaged = []
@@ -121,19 +126,38 @@ def initial_state(config, mesh, checkpointer, data_position):
   return state, shardings
 
 
-def check_resumable(config, abstract_state, step_dir, workdir: str) -> None:
+def _restore_other_layout(config, abstract, shardings, mesh, checkpointer, step: int, data_position):
+  """The checkpoint at `step`, whose optimizer state was written with config.train.flat_update flipped, restored
+  in that layout and converted to this config's (the same numbers; the next save writes this config's)."""
+  logging.info('Its optimizer state was written with config.train.flat_update=%s; converting it to this '
+               'config\'s layout.', not update_lib.is_flat(config))
+  optimizer = state_lib.make_optimizer(config, abstract.params)
+  saved = abstract.replace(opt_state=update_lib.other_layout_shapes(config, optimizer, abstract.params))
+  saved_shardings = sharding_lib.state_shardings(saved, mesh)
+  saved = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), saved, saved_shardings)
+  restored = checkpointer.restore(step, saved, data_position)
+  relayout = jax.jit(functools.partial(update_lib.relayout_opt_state, config, optimizer),
+                     out_shardings=shardings.opt_state)
+  return restored.replace(opt_state=relayout(restored.params, restored.opt_state))
+
+
+def check_resumable(config, abstract_state, step_dir, workdir: str) -> bool:
   """IncompatibleCheckpointError (a ValueError), before anything is restored or written, when the checkpoint at
-  `step_dir` holds another model than `config` builds (it names the first differing parameter) or another
-  layout of the optimizer state (config.train.flat_update), with the config fields that differ from the run's
-  config.json."""
+  `step_dir` holds another model than `config` builds (it names the first differing parameter) or an optimizer
+  state of another shape, with the config fields that differ from the run's config.json. Returns whether its
+  optimizer state has the other layout (config.train.flat_update flipped), which the restore converts."""
   want, got = ckpt_lib.shapes_by_path(abstract_state.params), ckpt_lib.saved_shapes(str(step_dir))
   bad = ckpt_lib.first_shape_difference(want, got)
   # The optimizer state's paths are spelt differently in checkpoint metadata (namedtuples), so its arrays
   # are compared by shape: one flat vector per moment, or one array per parameter.
-  want_opt = sorted(ckpt_lib.shapes_by_path(abstract_state.opt_state).values())
+  shapes = lambda tree: sorted(ckpt_lib.shapes_by_path(tree).values())
   got_opt = sorted(ckpt_lib.saved_shapes(str(step_dir), 'opt_state').values())
-  if bad is None and want_opt == got_opt:
-    return
+  if bad is None and got_opt == shapes(abstract_state.opt_state):
+    return False
+  if bad is None and config.stage != 2:   # stage 2 has no flat layout
+    optimizer = state_lib.make_optimizer(config, abstract_state.params)
+    if got_opt == shapes(update_lib.other_layout_shapes(config, optimizer, abstract_state.params)):
+      return True
   fields = ''
   if (epath.Path(workdir) / 'config.json').exists():
     diff = [f'{k}: {old!r} -> {new!r}' for k, (old, new) in config_changes(config, workdir).items()]
@@ -141,9 +165,8 @@ def check_resumable(config, abstract_state, step_dir, workdir: str) -> None:
   if bad is not None:
     what = f'a checkpoint of another model: params{bad} is {got.get(bad)} there but {want.get(bad)} in this config'
   else:
-    what = (f'a checkpoint whose optimizer state is laid out otherwise ({len(got_opt)} arrays there, {len(want_opt)} '
-            'in this config: config.train.flat_update keeps the moments as one flat vector or one array per '
-            'parameter)')
+    what = (f'a checkpoint whose optimizer state differs ({len(got_opt)} arrays there, '
+            f'{len(shapes(abstract_state.opt_state))} in this config)')
   raise ckpt_lib.IncompatibleCheckpointError(
       f'{workdir} holds {what}{fields}. Train in a new --workdir, or pass the config the checkpoint was trained '
       'with.')

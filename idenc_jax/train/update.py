@@ -7,8 +7,8 @@ the `cpu` model (460 arrays: Adam, the global-norm clip, the EMA and the guard o
 both moments) was about three quarters of its train step's 9,273 operations, each one to compile, to
 load back from the compilation cache and to dispatch at every step. The flat update concatenates every
 array into one vector on each device, so it is for replicated parameters (not FSDP-sharded ones), and
-its optimizer state holds the moments as flat vectors (`init_opt_state`): a checkpoint resumes only with
-the layout it was written with. Stage 2 freezes parameters array by array, so it keeps the per-array form.
+its optimizer state holds the moments as flat vectors (`init_opt_state`); a checkpoint written with the
+other layout is converted as it is restored (`relayout_opt_state`). Stage 2 freezes parameters array by array, so it keeps the per-array form.
 """
 
 from typing import Any
@@ -35,7 +35,28 @@ def is_flat(config) -> bool:
 
 def init_opt_state(config, optimizer: optax.GradientTransformation, params) -> Any:
   """The optimizer state of `params`, laid out as the update of `config` uses it."""
-  return optimizer.init(ravel_pytree(params)[0] if is_flat(config) else params)
+  return _init(optimizer, params, is_flat(config))
+
+
+def _init(optimizer: optax.GradientTransformation, params, flat: bool) -> Any:
+  return optimizer.init(ravel_pytree(params)[0] if flat else params)
+
+
+def other_layout_shapes(config, optimizer: optax.GradientTransformation, abstract_params) -> Any:
+  """The shapes of the optimizer state that `config` would have with config.train.flat_update flipped."""
+  return jax.eval_shape(lambda p: _init(optimizer, p, not is_flat(config)), abstract_params)
+
+
+def relayout_opt_state(config, optimizer: optax.GradientTransformation, params, saved_opt_state) -> Any:
+  """`saved_opt_state`, written with the other layout (config.train.flat_update flipped), in the layout of
+  `config`: each moment concatenated into one vector in ravel_pytree's order (the order the flat update
+  uses) or split back into arrays; the counters as they are. The same numbers, moved, none recomputed."""
+  is_moment = lambda node: jax.tree.structure(node) == jax.tree.structure(params)
+  if is_flat(config):
+    return jax.tree.map(lambda n: ravel_pytree(n)[0] if is_moment(n) else n, saved_opt_state, is_leaf=is_moment)
+  unravel = ravel_pytree(params)[1]
+  target = jax.eval_shape(lambda p: _init(optimizer, p, False), params)
+  return jax.tree.map(lambda t, s: unravel(s) if is_moment(t) else s, target, saved_opt_state, is_leaf=is_moment)
 
 
 def apply(config, optimizer: optax.GradientTransformation, state, grads, loss: jax.Array, decay: jax.Array):
