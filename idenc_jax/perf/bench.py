@@ -86,12 +86,8 @@ class TrainBench:
     self.compiled = step_lib.compile_with_options(lowered, config, compiler_options)
     self.record['compile_s'] = time.perf_counter() - t0
     log(f'compiled in {self.record["compile_s"]:.1f} s')
-    # The compiled module's count, unless the backend hides work in library calls it cannot cost
-    # (e.g. convolutions as cuDNN custom calls): then the unoptimised module's.
     compiled_flops, lowered_flops = measure.cost_flops(self.compiled), measure.cost_flops(lowered)
-    flops, source = compiled_flops, 'compiled'
-    if lowered_flops and not (compiled_flops and 0.5 < compiled_flops / lowered_flops < 2.0):
-      flops, source = lowered_flops, 'lowered'
+    flops, source = measure.choose_flops(compiled_flops, lowered_flops)
     per_image = lambda f: f / b if f else None
     self.record.update(flops_per_image_xla=per_image(flops), flops_source=source,
                        flops_per_image_xla_compiled=per_image(compiled_flops),

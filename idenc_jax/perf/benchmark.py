@@ -4,7 +4,7 @@
 
 prints a short table and, as its last line, one JSON object with train_images_per_s, train_step_ms
 (the median over timed steps after warm-up, each synchronised with block_until_ready), compile_s,
-peak_memory_bytes, flops_per_image_xla (XLA's cost analysis of the compiled step / batch),
+peak_memory_bytes, flops_per_image_xla (XLA's cost analysis of the step / batch, `measure.choose_flops`),
 flops_per_image_analytic (`idenc_jax.perf.flops`), peak_flops (--peak_flops, else the fastest of several
 --peak_size^3 matmuls in the compute dtype on the same device, warmed; its side in peak_matmul_size),
 mfu (analytic FLOPs x images/s / peak), sample_step_ms (one generator forward at --sample_batch) and
