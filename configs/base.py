@@ -169,8 +169,9 @@ def _paper_config() -> config_dict.ConfigDict:
   t.ema_warmup = 10             # EMA decay at update n: min(ema_decay, (1 + n) / (ema_warmup + n)); 0: off
   # Optimizer, EMA and the non-finite guard on one flat vector of all parameters instead of array by array
   # (idenc_jax/train/update.py): far fewer operations to compile, load and run on XLA:CPU; replicated
-  # parameters only (not FSDP), not stage 2. A checkpoint resumes only with the value it was written with.
-  # Off everywhere, so existing workdirs resume; on, a warm start compiles 3x faster (docs/performance.md).
+  # parameters only (not FSDP), not stage 2. A checkpoint written with the other value resumes (its Adam
+  # moments are converted). On in the `cpu` configs (a warm start compiles 2-3x faster); off here, where it
+  # is not measured on an accelerator (docs/performance.md).
   t.flat_update = False
   t.log_every = 100
   t.checkpoint_every = 10_000
@@ -285,6 +286,10 @@ def _apply_cpu(c):
   # raised oracle top-1 on all four seeds measured (docs/training.md).
   c.data.agnostic_fraction = 0.25
   c.train.num_steps = 3500
+  # The update on one flat vector: a second start of the main job compiles its train step in 8% of the first
+  # start's time, against 20% array by array (docs/performance.md). The figures in docs/ measured before
+  # 2026-12-06 were trained array by array (`--config.train.flat_update=False`, the same function to rounding).
+  c.train.flat_update = True
   c.train.learning_rate = 1e-3
   c.train.warmup_steps = 100
   c.train.ema_decay = 0.999
@@ -350,6 +355,9 @@ def _apply_tiny(c):
   c.data.synthetic_images_per_identity = 6
   c.data.synthetic_agnostic_images = 64
   c.train.batch_size = 16
+  # Array by array: the suite compiles many train steps, and the flat update's compile is 3 s longer at this
+  # size (tests/test_update.py covers the flat one).
+  c.train.flat_update = False
   c.train.num_steps = 4
   c.train.warmup_steps = 2
   c.train.log_every = 1
