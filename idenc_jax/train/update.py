@@ -1,14 +1,15 @@
 """The parameter update of a train step: optimizer, EMA and the non-finite guard.
 
-Per parameter array (the default), or with `config.train.flat_update` on one flat vector of all the
-parameters: the same arithmetic, element by element, in a handful of operations instead of several per
-array. XLA:CPU runs every operation of a compiled step as a thunk of its own; the per-array update of
+Per parameter array, or with `config.train.flat_update` (the `cpu` configs' default) on one flat vector of
+all the parameters: the same arithmetic, element by element, in a handful of operations instead of several
+per array. XLA:CPU runs every operation of a compiled step as a thunk of its own; the per-array update of
 the `cpu` model (460 arrays: Adam, the global-norm clip, the EMA and the guard over parameters, EMA and
 both moments) was about three quarters of its train step's 9,273 operations, each one to compile, to
 load back from the compilation cache and to dispatch at every step. The flat update concatenates every
 array into one vector on each device, so it is for replicated parameters (not FSDP-sharded ones), and
 its optimizer state holds the moments as flat vectors (`init_opt_state`); a checkpoint written with the
-other layout is converted as it is restored (`relayout_opt_state`). Stage 2 freezes parameters array by array, so it keeps the per-array form.
+other layout is converted as it is restored (`relayout_opt_state`). Stage 2 freezes parameters array by
+array, so it keeps the per-array form.
 """
 
 from typing import Any
