@@ -21,6 +21,7 @@ from idenc_jax.personalize import references
 from idenc_jax.personalize.personalizer import Personalizer
 from idenc_jax.train import checkpoint as ckpt_lib
 from idenc_jax.train import loop
+from idenc_jax.train import resume
 
 import train_testing as tt
 from test_personalize import _config as personalize_config  # noqa: E402
@@ -163,18 +164,18 @@ def test_another_batch_layout_is_refused_on_resume(tmp_path):
   workdir.mkdir()
   config = tt.tiny_config()
   (workdir / 'config.json').write_text('{"seed": 0, "data": {"images_per_identity": 4}}')   # from before the field
-  loop.check_same_batch_layout(config, str(workdir))                                       # 0.5 = the half
+  resume.check_same_batch_layout(config, str(workdir))                                       # 0.5 = the half
   config.data.agnostic_fraction = 0.25
   with pytest.raises(ckpt_lib.IncompatibleCheckpointError,
                      match=r'trained with data.agnostic_fraction=0.5 .* pass --config.data.agnostic_fraction=0.5'):
-    loop.check_same_batch_layout(config, str(workdir))
+    resume.check_same_batch_layout(config, str(workdir))
   (workdir / 'config.json').write_text(config.to_json_best_effort())
-  loop.check_same_batch_layout(config, str(workdir))
+  resume.check_same_batch_layout(config, str(workdir))
   # So do the images per identity (the cpu default went from 4 to 3).
   config.data.images_per_identity = 2
   with pytest.raises(ckpt_lib.IncompatibleCheckpointError,
                      match=r'trained with data.images_per_identity=4 .* pass --config.data.images_per_identity=4'):
-    loop.check_same_batch_layout(config, str(workdir))
+    resume.check_same_batch_layout(config, str(workdir))
 
 
 def _tmpfs(path, size):

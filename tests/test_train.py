@@ -21,6 +21,7 @@ from idenc_jax.train import losses
 from idenc_jax.data import pipeline
 from idenc_jax.train import checkpoint as ckpt_lib
 from idenc_jax.train import loop
+from idenc_jax.train import resume
 from idenc_jax.train import sharding as sharding_lib
 from idenc_jax.train import state as state_lib
 from idenc_jax.train import step as step_lib
@@ -77,7 +78,7 @@ def test_stage1_initialises_from_stage0(stage0_run, tmp_path):
   def initial(cfg, workdir):
     checkpointer = ckpt_lib.Checkpointer(workdir, save_every=1, keep=1)
     try:
-      return jax.device_get(loop.initial_state(cfg, mesh, checkpointer, ckpt_lib.DataPosition())[0])
+      return jax.device_get(resume.initial_state(cfg, mesh, checkpointer, ckpt_lib.DataPosition())[0])
     finally:
       checkpointer.close()
 

@@ -14,7 +14,7 @@ from absl import logging
 
 from idenc_jax import cli, xla_options
 from idenc_jax.train import checkpoint as ckpt_lib
-from idenc_jax.train import loop
+from idenc_jax.train import loop, resume
 
 
 # What a continued run may change: how long it trains and how it is recorded, nothing that shapes the weights.
@@ -80,7 +80,7 @@ def to_extend(config, workdir: str) -> bool:
                      'continuing the run to more steps would not be the run trained to them; only a constant '
                      'learning rate can be extended.')
   # Fields one side lacks (added to the config after the run trained) are not counted as changes.
-  changed = {k: old for k, (old, new) in loop.config_changes(config, workdir).items()
+  changed = {k: old for k, (old, new) in resume.config_changes(config, workdir).items()
              if k.split('.')[0] in _TRAINING_SECTIONS and k not in _EXTEND_MAY_CHANGE
              and old is not None and new is not None
              and not (k == 'train.compiler_options' and xla_options.same_values(old, new, 'config.' + k))}
