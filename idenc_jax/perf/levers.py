@@ -43,7 +43,9 @@ LEVERS = {
     'xlasmall': {'model.small_conv': 'xla'},
     'flat': {'train.flat_update': True},
     'perarray': {'train.flat_update': False},
-    # XLA:CPU's library fusions for convolutions (train.compiler_options; a variant takes one of them).
+    # XLA:CPU's library fusions for convolutions (train.compiler_options; a variant takes one of them). In jaxlib
+    # 0.10.2 only YNNPACK's takes them: with oneDNN's or XNNPACK's the compiled step is unchanged (HLO checked,
+    # docs/performance.md), so xnnconv and onednnconv time the variant they modify.
     **{f'{lib}conv': {'train.compiler_options': f'xla_cpu_experimental_{lib}_fusion_type='
                                                 'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'}
        for lib in ('ynn', 'xnn', 'onednn')},
