@@ -2,6 +2,9 @@
 PyTorch twin computes, on the input shape that part sees inside its network, and a misspelt part is a one-line
 error."""
 
+import json
+
+from absl import flags
 import pytest
 
 from idenc_jax.perf import parts, torch_model
@@ -26,7 +29,10 @@ def test_block_input_shapes_follow_the_network():
 
 
 def test_parts_match_pytorch_and_time_both_sides():
-  names = ['generator', 'encoder', 'generator.up_1_resample', 'encoder.down_0_resample']
+  # Blocks with and without a skip convolution (up_0_0: 48 -> 16 channels), resampling both ways, the
+  # generator's with timestep and identity vectors; outputs and input gradients compared before timing.
+  names = ['generator', 'encoder', 'generator.up_0_0', 'generator.up_1_resample', 'encoder.down_0_resample',
+           'encoder.down_1_0']
   result = parts.bench(tiny_config(), names, rounds=1)
   assert [r['part'] for r in result['parts']] == names
   for r in result['parts']:
@@ -40,3 +46,20 @@ def test_unknown_part_is_a_one_line_error():
     parts.build_parts(tiny_config(), ['encoder.down_9'])
   with pytest.raises(ValueError, match="unknown part 'unet'"):
     parts.check_part_names(['unet'], {'generator': [], 'encoder': []})
+
+
+def test_a_part_that_differs_from_pytorch_is_not_timed(monkeypatch):
+  monkeypatch.setattr(parts, 'MAX_REL_ERR', 0.0)   # float32 rounding alone now counts as a difference
+  with pytest.raises(ValueError, match='part generator: jax and PyTorch differ by .* not the same function'):
+    parts.bench(tiny_config(), ['generator'], rounds=1)
+
+
+def test_cli_prints_the_table_and_the_json(capsys):
+  flag_values = flags.FlagValues()
+  parts.define_flags(flag_values)
+  flag_values(['parts', '--config=configs/base.py:tiny', '--parts=encoder.mid_0', '--rounds=1'])
+  result = parts.run_from_flags(flag_values)
+  out = capsys.readouterr().out.strip().splitlines()
+  assert json.loads(out[-1]) == json.loads(json.dumps(result))
+  assert any(line.startswith('| encoder.mid_0 |') for line in out)
+  assert result['config'].endswith('configs/base.py:tiny') and result['allocator'] in ('tcmalloc', 'default')

@@ -44,8 +44,9 @@ LEVERS = {
     'flat': {'train.flat_update': True},
     'perarray': {'train.flat_update': False},
     # XLA:CPU's library fusions for convolutions (train.compiler_options; a variant takes one of them). In jaxlib
-    # 0.10.2 only YNNPACK's takes them: with oneDNN's or XNNPACK's the compiled step is unchanged (HLO checked,
-    # docs/performance.md), so xnnconv and onednnconv time the variant they modify.
+    # 0.10.2 only YNNPACK's takes them: with oneDNN's or XNNPACK's fusion type set the convolutions stay where
+    # XLA's defaults put them (HLO checked, docs/performance.md), and as a lever replaces the whole option text,
+    # xnnconv and onednnconv time XLA's default options.
     **{f'{lib}conv': {'train.compiler_options': f'xla_cpu_experimental_{lib}_fusion_type='
                                                 'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'}
        for lib in ('ynn', 'xnn', 'onednn')},

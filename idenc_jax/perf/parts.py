@@ -4,25 +4,27 @@
       --parts=generator,encoder,encoder.down_0_0,generator.up_0_0
 
 A whole-step ratio says how far apart the two frameworks are, not where. This times the forward and backward
-pass of `sum(out^2)` (gradients of every parameter and of the part's inputs that carry one in a train step:
-the generator's identity embedding, a block's input) for each named part, at the train step's batch
-(`train.batch_size` images), on both sides with the same weights (PyTorch's `perf.torch_model` with ours
-copied in), in turns (one call of every part per round, the median over rounds). A part is `generator`,
-`encoder`, or `generator.<block>` / `encoder.<block>` for one residual block (its flax name, e.g.
-`encoder.down_0_0`; its input shape is the one it sees in the network). Before timing, each part's output
-is checked against PyTorch's (relative error printed). Random weights and inputs: the cost of a pass does not
-depend on them. Compiled with the config's `train.compiler_options`, as the train step is. Prints a table
-and one JSON line.
+pass of `sum(out^2)` (gradients of every parameter, and of the generator's identity embedding or of a block's
+input; a generator block's timestep and identity vectors are held fixed) for each named part, at the train
+step's batch (`train.batch_size` images), on both sides with the same weights (PyTorch's `perf.torch_model`
+with ours copied in), in turns (one call of every part per round, the median over rounds). A part is
+`generator`, `encoder`, or `generator.<block>` / `encoder.<block>` for one residual block (its flax name, e.g.
+`encoder.down_0_0`; its input shape is the one it sees in the network). Before timing, each part's output and
+input gradient are compared with PyTorch's; a part that differs by more than MAX_REL_ERR stops the run.
+Random weights and inputs: the cost of a pass does not depend on them. Compiled with the config's
+`train.compiler_options`, as the train step is. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any, Callable
 
 from absl import app, flags
+from ml_collections import config_flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +35,7 @@ from idenc_jax.perf import fixtures, levers, measure, torch_model, torch_referen
 from idenc_jax.train import step as step_lib
 
 NETWORKS = ('generator', 'encoder')
+MAX_REL_ERR = 1e-4   # float32, two frameworks summing in different orders: about 1e-6 at the paper's sizes
 
 
 def _torch_blocks(tm, network: str) -> dict[str, Any]:
@@ -94,6 +97,8 @@ def build_parts(config, names: list[str], seed: int = 0) -> dict[str, dict[str, 
   nchw = lambda a: torch.from_numpy(np.ascontiguousarray(np.transpose(a, (0, 3, 1, 2))))
   nhwc = lambda t: np.transpose(t.detach().numpy(), (0, 2, 3, 1))
   x = rng.standard_normal((b, r, r, 3)).astype(np.float32)
+  xt = nchw(x)
+  shapes = {n: block_input_shapes(config, tm, n, b) for n in NETWORKS if any(p.startswith(f'{n}.') for p in names)}
   parts = {}
   for name in names:
     network, _, block = name.partition('.')
@@ -105,15 +110,15 @@ def build_parts(config, names: list[str], seed: int = 0) -> dict[str, dict[str, 
                                                 rngs={'dropout': jax.random.key(0)})
       jax_args = (params['generator'], z)
       tt, zt = torch.from_numpy(t).long(), torch.from_numpy(z).requires_grad_(True)
-      module, torch_fwd, torch_in = tm.generator, (lambda m=tm.generator, tt=tt, zt=zt: m(nchw(x), tt, zt)), [zt]
+      module, torch_fwd, torch_in = tm.generator, (lambda m=tm.generator, tt=tt, zt=zt: m(xt, tt, zt)), [zt]
     elif not block:
       enc = models.build_encoder(config)
       fwd = lambda p, enc=enc: enc.apply({'params': p}, x)
       jax_args = (params['encoder'],)
-      module, torch_fwd, torch_in = tm.encoder, (lambda m=tm.encoder: m(nchw(x))), []
+      module, torch_fwd, torch_in = tm.encoder, (lambda m=tm.encoder: m(xt)), []
     else:
       module = _torch_blocks(tm, network)[block]
-      shape = block_input_shapes(config, tm, network, b)[block]
+      shape = shapes[network][block]
       h = rng.standard_normal((shape[0], shape[2], shape[3], shape[1])).astype(np.float32)
       jb = _jax_block(config, network, module.conv_0.out_channels, module.resample)
       p = params['generator'][block] if network == 'generator' else params['encoder']['trunk'][block]
@@ -127,6 +132,7 @@ def build_parts(config, names: list[str], seed: int = 0) -> dict[str, dict[str, 
       ht = nchw(h).requires_grad_(True)
       extra_t = {k: torch.from_numpy(v) for k, v in extra.items()}
       torch_fwd, torch_in = (lambda m=module, ht=ht, e=extra_t: m(ht, **e)), [ht]
+    jax_args = jax.device_put(jax_args)   # on the device once, not converted again at every timed call
     loss = lambda *a, fwd=fwd: jnp.sum(fwd(*a) ** 2)
     grad = step_lib.compile_with_options(
         jax.jit(jax.grad(loss, tuple(range(len(jax_args))))).lower(*jax_args), config)
@@ -142,8 +148,16 @@ def build_parts(config, names: list[str], seed: int = 0) -> dict[str, dict[str, 
         out = torch_fwd()
       return nhwc(out) if out.ndim == 4 else out.numpy()
 
+    def torch_input_grad(torch_step=torch_step, torch_in=torch_in):
+      torch_step()
+      g = torch_in[0].grad
+      return nhwc(g) if g.ndim == 4 else g.numpy()
+
     parts[name] = {'jax': lambda grad=grad, a=jax_args: jax.block_until_ready(grad(*a)), 'torch': torch_step,
                    'jax_out': lambda fwd=fwd, a=jax_args: np.asarray(jax.jit(fwd)(*a)), 'torch_out': torch_out}
+    if torch_in:   # the gradient of the embedding / block input, the second of the jax gradients
+      parts[name].update(jax_input_grad=lambda grad=grad, a=jax_args: np.asarray(grad(*a)[1]),
+                         torch_input_grad=torch_input_grad)
   return parts
 
 
@@ -154,7 +168,14 @@ def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
 def bench(config, names: list[str], rounds: int) -> dict[str, Any]:
   """{'parts': [{'part', 'jax_ms', 'torch_ms', 'torch_over_jax', 'max_rel_err_vs_torch'}], ...}."""
   parts = build_parts(config, names)
-  errors = {n: _max_rel(p['jax_out'](), p['torch_out']()) for n, p in parts.items()}
+  errors = {}
+  for n, p in parts.items():
+    errors[n] = _max_rel(p['jax_out'](), p['torch_out']())
+    if 'jax_input_grad' in p:
+      errors[n] = max(errors[n], _max_rel(p['jax_input_grad'](), p['torch_input_grad']()))
+    if not errors[n] <= MAX_REL_ERR:
+      raise ValueError(f'part {n}: jax and PyTorch differ by {errors[n]:.2e} (relative, output or input gradient), '
+                       f'more than {MAX_REL_ERR:g}: not the same function, so not timed.')
   runs: dict[str, Callable[[], Any]] = {f'{side}:{n}': p[side] for n, p in parts.items() for side in ('jax', 'torch')}
   for fn in runs.values():   # compile-time and first-call allocations outside the timed rounds
     fn()
@@ -167,7 +188,8 @@ def bench(config, names: list[str], rounds: int) -> dict[str, Any]:
     print(f'[parts] round {i + 1}/{rounds} done', file=sys.stderr, flush=True)
   med = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
   records = [{'part': n, 'jax_ms': med[f'jax:{n}'], 'torch_ms': med[f'torch:{n}'],
-              'torch_over_jax': med[f'torch:{n}'] / med[f'jax:{n}'], 'max_rel_err_vs_torch': errors[n]}
+              'torch_over_jax': med[f'torch:{n}'] / med[f'jax:{n}'],
+              'max_rel_err_vs_torch': errors[n]}   # the output's and, where there is one, the input gradient's
              for n in names]
   return {'host': measure.host_info(), 'batch_size': config.train.batch_size, 'rounds': rounds,
           'statistic': 'median', 'compiler_options': config.train.compiler_options, 'parts': records}
@@ -193,11 +215,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def run_from_flags(f: flags.FlagValues) -> dict[str, Any]:
-  try:
+  try:   # a misspelt lever or field fails before anything is built
     config = levers.variant_config(f.config, f.variant)
-    result = bench(config, list(f.parts), f.rounds)
   except ValueError as e:
     sys.exit(f'FATAL {e}')
+  result = bench(config, list(f.parts), f.rounds)
+  result.update(config=config_flags.get_config_filename(f['config']), variant=f.variant,
+                overrides=[a for a in sys.argv[1:] if a.startswith('--config.')],
+                allocator='tcmalloc' if 'tcmalloc' in os.environ.get('LD_PRELOAD', '') else 'default')
   print(format_table(result))
   text = json.dumps(result)
   if f.json_out:
