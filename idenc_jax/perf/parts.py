@@ -84,7 +84,8 @@ def _jax_block(config, network: str, out_channels: int, resample: str) -> layers
 
 
 def build_parts(config, names: list[str], seed: int = 0) -> dict[str, dict[str, Any]]:
-  """{part: {'jax': call, 'torch': call, 'jax_out': call, 'torch_out': call (NHWC numpy)}}."""
+  """{part: {'jax', 'torch': the timed calls; 'jax_out', 'torch_out': the outputs (NHWC numpy); for parts with a
+  differentiable input (the generator's embedding, a block's input), 'jax_input_grad', 'torch_input_grad'}}."""
   torch = torch_reference.torch_with_threads(None)
   params = fixtures.model_params(config, seed)
   tm = torch_model.build(config)
