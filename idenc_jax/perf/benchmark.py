@@ -135,17 +135,6 @@ def with_torch_ratio(records: list[dict]) -> list[dict]:
   return records
 
 
-def _emit(result: dict, text: str, json_out: str) -> None:
-  """Prints `text` (if any), then the result as the last line (one JSON object), also into json_out."""
-  line = json.dumps(result)
-  if text:
-    print(text)
-  print(line, flush=True)
-  if json_out:
-    with open(json_out, 'w') as f:
-      f.write(line + '\n')
-
-
 def _log(msg: str) -> None:
   print(f'[benchmark] {msg}', file=sys.stderr, flush=True)
 
@@ -216,12 +205,12 @@ def run_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
     sys.exit(f'FATAL {e}')
   if f.reference_loss:
     result = check.reference_values(f.config, options)
-    _emit(result, '', f.json_out)
+    measure.emit(result, '', f.json_out)
     return result
   if f.check:
     result = check.run_check(f.config, spec, overrides, variants, steps=max(f.steps, 1), log=_log,
                              fast_compile=f.fast_compile)
-    _emit(result, check.format_check(result), f.json_out)
+    measure.emit(result, check.format_check(result), f.json_out)
     return result
   isolate = f.isolate == 'yes' or (f.isolate == 'auto' and len(variants) > 1 and not f.interleave)
   records, peaks = [], {}
@@ -282,7 +271,7 @@ def run_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict:
   result = dict(first, config=spec, overrides=config_flags.get_override_values(f['config']))
   if len(records) > 1:
     result['variants'] = records
-  _emit(result, format_table(records), f.json_out)
+  measure.emit(result, format_table(records), f.json_out)
   return result
 
 

@@ -14,7 +14,6 @@ A shape is BxHxCinxCout (square maps, stride 1, 'SAME' padding). Prints a table 
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Callable
 
@@ -145,13 +144,8 @@ def run_from_flags(f: flags.FlagValues) -> dict[str, Any]:
   for shape in shapes:
     records.append(bench_shape(shape, f.options, f.rounds, f.reference, f.threads or None))
     print(f'[conv_bench] {records[-1]}', flush=True)
-  print(format_table(records, f.options, f.reference))
   result = {'host': measure.host_info(), 'rounds': f.rounds, 'statistic': 'median', 'records': records}
-  text = json.dumps(result)
-  if f.json_out:
-    with open(f.json_out, 'w') as fh:
-      fh.write(text + '\n')
-  print(text)
+  measure.emit(result, format_table(records, f.options, f.reference), f.json_out)
   return result
 
 

@@ -18,7 +18,6 @@ table and, as its last line, one JSON object.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -210,12 +209,7 @@ def main(argv) -> None:
   record = measure_latency(config, images=f.images, steps=f.steps, references=f.references, repeats=f.repeats,
                            reference=f.reference, params=params,
                            variants=[v.strip() for v in f.variants], log=lambda s: print(f'[latency] {s}', flush=True))
-  print(format_table(record))
-  text = json.dumps(record)
-  if f.json_out:
-    with open(f.json_out, 'w') as fh:
-      fh.write(text + '\n')
-  print(text)
+  measure.emit(record, format_table(record), f.json_out)
 
 
 def console_main() -> None:

@@ -4,6 +4,7 @@ host a figure came from, a compiled step's memory and FLOPs (XLA's cost analysis
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import time
@@ -60,6 +61,18 @@ def measure_peak_flops(dtype_name: str, size: int | None = None, repeats: int = 
 def device_name() -> str:
   d = jax.devices()[0]
   return f'{d.platform}:{d.device_kind}'
+
+
+def emit(result: dict, table: str = '', json_out: str = '') -> None:
+  """A perf tool's output: `table` (if any), then the result as the last line (one JSON object), also written
+  to json_out."""
+  line = json.dumps(result)
+  if table:
+    print(table)
+  print(line, flush=True)
+  if json_out:
+    with open(json_out, 'w') as f:
+      f.write(line + '\n')
 
 
 def host_info() -> str:

@@ -17,7 +17,6 @@ Random weights and inputs: the cost of a pass does not depend on them. Compiled 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -224,12 +223,7 @@ def run_from_flags(f: flags.FlagValues) -> dict[str, Any]:
   result.update(config=config_flags.get_config_filename(f['config']), variant=f.variant,
                 overrides=[a for a in sys.argv[1:] if a.startswith('--config.')],
                 allocator='tcmalloc' if 'tcmalloc' in os.environ.get('LD_PRELOAD', '') else 'default')
-  print(format_table(result))
-  text = json.dumps(result)
-  if f.json_out:
-    with open(f.json_out, 'w') as fh:
-      fh.write(text + '\n')
-  print(text)
+  measure.emit(result, format_table(result), f.json_out)
   return result
 
 
